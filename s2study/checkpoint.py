@@ -1,0 +1,84 @@
+"""Self-describing checkpoints: weights plus everything needed to rebuild the extractor.
+
+A checkpoint is a ``torch.save``-d dict of plain types and tensors only, so it loads with
+``torch.load(..., weights_only=True)`` and no code from a file is ever executed::
+
+    {"format": "s2study-checkpoint", "version": 1, "s2study_version": "0.1.0",
+     "method": {"name": "r2d2", "params": {...}},      # rebuilds the network
+     "model": state_dict, "config": {...},               # the full TrainConfig as a dict
+     "epoch": 3, "metrics": {"val_ncm": ...},
+     "optimizer": state_dict | absent, "rng": {...} | absent, "extra": {...}}
+
+Writes are atomic (temporary file, then rename), so a kill during a write never leaves a
+corrupt checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from s2study.errors import CheckpointError
+
+FORMAT = "s2study-checkpoint"
+VERSION = 1
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (method, model, config, epoch, metrics, ...) as a checkpoint."""
+    from s2study import __version__
+
+    data = {"format": FORMAT, "version": VERSION, "s2study_version": __version__, **payload}
+    atomic_write_bytes(Path(path), lambda f: torch.save(data, f))
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
+    """Load an s2study checkpoint safely (``weights_only=True``).
+
+    Raises:
+        CheckpointError: missing, truncated, not a checkpoint, or from an incompatible version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (a {type(data).__name__}, expected a dict)")
+    if data.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not an s2study checkpoint (keys: {', '.join(sorted(map(str, data))[:8])})"
+        )
+    if data.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {data.get('version')!r} is not supported "
+            f"(this s2study reads version {VERSION})"
+        )
+    for key in ("method", "model"):
+        if key not in data:
+            raise CheckpointError(f"{path}: checkpoint lacks the {key!r} entry")
+    return data

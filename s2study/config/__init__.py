@@ -1,0 +1,1 @@
+"""Typed configs and their YAML loader."""

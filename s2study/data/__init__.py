@@ -1,0 +1,1 @@
+"""Datasets of cross-modality image pairs and the S2 training batch."""

@@ -1,0 +1,380 @@
+"""Cross-modality pair datasets: RoadScene, RGB-NIR and a plain folder of pairs.
+
+Every dataset hands out :class:`~s2study.data.pairs.PairSample` objects: both images uint8
+RGB ``(H, W, 3)`` (gray infrared replicated to 3 channels) and the 3x3 homography A -> B.
+Images are read lazily in ``__getitem__``; the existence of every file is checked when the
+dataset is built, so a broken dataset fails at once with the file, split file and id named.
+
+Layouts and splits:
+
+- ``roadscene`` (root ``RoadScene/``): ``crop_LR_visible/<ID>.jpg`` (or, when that folder is
+  absent, ``crop_HR_visible/<ID>.jpg``, resized onto the infrared grid) with
+  ``cropinfrared/<ID>.jpg``; pixel-aligned. A split is the list of IDs in
+  ``splits/<split>.txt`` (one per line, ``#`` comments allowed). The shared copy of RoadScene
+  has no ``test.txt`` on purpose; asking for that split raises :class:`DataError`.
+  ``s2study data download roadscene`` writes split files when the archive has none.
+- ``rgbnir`` (root ``RGB-NIR/``, holding category folders, or a single category folder such
+  as ``country/``): ``NNNN_rgb.<ext>`` with ``NNNN_nir.<ext>`` (``.tiff``, ``.tif``, ``.jpg``,
+  ``.png``, ``.bmp``); pixel-aligned; pair ids ``<category>/NNNN``.
+- ``folder`` (any root, given explicitly): ``<name>_a.<ext>`` with ``<name>_b.<ext>``, or
+  subfolders ``a/`` and ``b/`` with equal file names; an optional ground truth
+  ``<name>.npy`` or ``<name>.txt`` (3x3 homography or 2x3 affine, A -> B) in the root; without
+  one the pair must be pixel-aligned.
+
+``rgbnir`` and ``folder`` split by index, deterministically: within each category (sorted by
+name) the pairs with ``index % 5 == 0`` form ``val``, the others ``train``; ``test`` is the
+same as ``val``; ``all`` is every pair. A ``splits/<split>.txt`` file in the root, when
+present, overrides this for that split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from s2study.config.schema import DataConfig
+from s2study.data.pairs import PairDataset, PairSample
+from s2study.errors import DataError
+from s2study.geometry import check_transform
+from s2study.paths import data_root
+from s2study.registry import Registry
+
+DATASETS: Registry[Callable[..., PairDataset]] = Registry("dataset")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tiff", ".tif", ".bmp")
+INDEX_SPLITS = ("train", "val", "test", "all")
+
+
+# ----------------------------------------------------------------------------- image IO
+
+
+def read_image(path: Path, gray: bool = False) -> np.ndarray:
+    """Read an image file as uint8 RGB ``(H, W, 3)``; ``gray`` reads one channel, replicated.
+
+    Raises:
+        DataError: the file is missing, unreadable or truncated.
+    """
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(f"cannot decode image {path}: unreadable, truncated or not an image")
+    if gray:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def resize_matrix(old: tuple[int, int], new: tuple[int, int]) -> np.ndarray:
+    """3x3 map of pixel coordinates when an image of ``old`` (H, W) is resized to ``new``.
+
+    Pixel centres are at integers, as in ``cv2.resize``: ``x' = (x + 0.5) * s - 0.5``.
+    """
+    sy, sx = new[0] / old[0], new[1] / old[1]
+    return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]], dtype=np.float64)
+
+
+def resize_to(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize ``image`` to ``shape`` (H, W): area averaging when shrinking, linear otherwise."""
+    if image.shape[:2] == tuple(shape):
+        return image
+    shrink = shape[0] * shape[1] < image.shape[0] * image.shape[1]
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(image, (shape[1], shape[0]), interpolation=interp)
+
+
+def limit_size(image: np.ndarray, max_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Shrink ``image`` so its long side is at most ``max_size``; returns it and its 3x3 map."""
+    h, w = image.shape[:2]
+    if max_size is None or max(h, w) <= max_size:
+        return image, np.eye(3)
+    s = max_size / max(h, w)
+    new = (max(1, round(h * s)), max(1, round(w * s)))
+    return resize_to(image, new), resize_matrix((h, w), new)
+
+
+def _index_files(folder: Path) -> dict[str, Path]:
+    """Image files of ``folder`` by stem (one directory listing, not one stat per id)."""
+    if not folder.is_dir():
+        return {}
+    return {
+        p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS
+    }
+
+
+def _read_ids(split_file: Path) -> list[str]:
+    lines = split_file.read_text().splitlines()
+    return [Path(s).stem if Path(s).suffix.lower() in IMAGE_EXTENSIONS else s
+            for s in (line.split("#", 1)[0].strip() for line in lines) if s]
+
+
+# ----------------------------------------------------------------------------- base
+
+
+@dataclass(frozen=True)
+class PairFiles:
+    """Where one pair lives: image files, ground truth and how to read them."""
+
+    pair_id: str
+    path_a: Path
+    path_b: Path
+    homography: np.ndarray | None = None  # None: pixel-aligned
+    gray_b: bool = True
+    resize_a_to_b: bool = False
+
+
+class FilePairDataset:
+    """A list of :class:`PairFiles` read lazily; the base of every file dataset.
+
+    Args:
+        pairs: the pairs of the split, in order.
+        max_size: shrink both images so their long side is at most this (homography adjusted).
+        modalities: (modality_a, modality_b) written into every sample.
+    """
+
+    def __init__(self, pairs: list[PairFiles], max_size: int | None = None,
+                 modalities: tuple[str, str] = ("vis", "ir")) -> None:
+        for p in pairs:
+            for path in (p.path_a, p.path_b):
+                if not path.is_file():
+                    raise DataError(f"pair {p.pair_id!r}: missing image file {path}")
+        self.pairs = pairs
+        self.ids = [p.pair_id for p in pairs]
+        self.max_size = max_size
+        self.modalities = modalities
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> PairSample:
+        """The pair at ``index``: uint8 RGB images and the A -> B homography."""
+        if not -len(self.pairs) <= index < len(self.pairs):
+            raise IndexError(f"pair index {index} out of range for {len(self.pairs)} pairs")
+        p = self.pairs[index]
+        image_a = read_image(p.path_a)
+        image_b = read_image(p.path_b, gray=p.gray_b)
+        if p.resize_a_to_b:
+            image_a = resize_to(image_a, image_b.shape[:2])
+        if p.homography is None:
+            if image_a.shape != image_b.shape:
+                raise DataError(
+                    f"pair {p.pair_id!r} should be pixel-aligned but its images differ in size: "
+                    f"{p.path_a} is {image_a.shape[1]}x{image_a.shape[0]}, "
+                    f"{p.path_b} is {image_b.shape[1]}x{image_b.shape[0]}"
+                )
+            homography = np.eye(3)
+        else:
+            homography = p.homography
+        image_a, scale_a = limit_size(image_a, self.max_size)
+        image_b, scale_b = limit_size(image_b, self.max_size)
+        homography = scale_b @ homography @ np.linalg.inv(scale_a)
+        return PairSample(image_a, image_b, homography / homography[2, 2], p.pair_id,
+                          *self.modalities)
+
+
+def _cap(pairs: list[PairFiles], max_pairs: int | None) -> list[PairFiles]:
+    return pairs if max_pairs is None else pairs[:max_pairs]
+
+
+def index_split(names: list[str], split: str) -> list[str]:
+    """Deterministic split of sorted ``names``: ``val``/``test`` = every 5th, ``train`` = rest."""
+    if split not in INDEX_SPLITS:
+        raise DataError(f"unknown split {split!r}; allowed: {', '.join(INDEX_SPLITS)} "
+                        "(or a splits/<split>.txt file in the dataset root)")
+    names = sorted(names)
+    if split == "all":
+        return names
+    held_out = split in ("val", "test")
+    return [n for i, n in enumerate(names) if (i % 5 == 0) == held_out]
+
+
+def _split_ids(root: Path, split: str, groups: dict[str, list[str]]) -> list[str]:
+    """Ids of ``split``: ``root/splits/<split>.txt`` if present, else :func:`index_split`."""
+    split_file = root / "splits" / f"{split}.txt"
+    if split_file.is_file():
+        return _read_ids(split_file)
+    return [i for group in groups.values() for i in index_split(group, split)]
+
+
+# ----------------------------------------------------------------------------- RoadScene
+
+
+@DATASETS.register("roadscene")
+class RoadScene(FilePairDataset):
+    """RoadScene visible / thermal-infrared pairs (pixel-aligned), split by ``splits/*.txt``."""
+
+    dirname = "RoadScene"
+
+    def __init__(self, root: Path, split: str, max_size: int | None = None,
+                 max_pairs: int | None = None) -> None:
+        self.root = Path(root)
+        self.split = split
+        infrared = self.root / "cropinfrared"
+        visible, from_hr = self.root / "crop_LR_visible", False
+        if not visible.is_dir() and (self.root / "crop_HR_visible").is_dir():
+            visible, from_hr = self.root / "crop_HR_visible", True
+        for folder in (visible, infrared):
+            if not folder.is_dir():
+                raise DataError(f"RoadScene root {self.root} has no {folder.name}/ folder "
+                                "(expected crop_LR_visible/ or crop_HR_visible/, and cropinfrared/)")
+        split_file = self.root / "splits" / f"{split}.txt"
+        if not split_file.is_file():
+            have = sorted(p.stem for p in (self.root / "splits").glob("*.txt"))
+            note = (" (the test split is not part of this copy of RoadScene)"
+                    if split == "test" else "")
+            raise DataError(f"RoadScene split file {split_file} is absent{note}; "
+                            f"splits present: {', '.join(have) or 'none'}")
+        files_a, files_b = _index_files(visible), _index_files(infrared)
+        pairs = []
+        for pair_id in _read_ids(split_file):
+            for files, folder in ((files_a, visible), (files_b, infrared)):
+                if pair_id not in files:
+                    raise DataError(f"RoadScene id {pair_id!r} listed in {split_file} has no "
+                                    f"image {folder}/{pair_id}.jpg (or another image extension)")
+            pairs.append(PairFiles(pair_id, files_a[pair_id], files_b[pair_id],
+                                   resize_a_to_b=from_hr))
+        if not pairs:
+            raise DataError(f"RoadScene split file {split_file} lists no ids")
+        super().__init__(_cap(pairs, max_pairs), max_size, ("vis", "tir"))
+
+
+# ----------------------------------------------------------------------------- RGB-NIR
+
+
+def _rgbnir_category(folder: Path) -> dict[str, PairFiles]:
+    """Pairs of one category folder by index ``NNNN``."""
+    files = _index_files(folder)
+    pairs = {}
+    for stem, path in files.items():
+        if not stem.endswith("_rgb"):
+            continue
+        index = stem[: -len("_rgb")]
+        nir = files.get(f"{index}_nir")
+        if nir is None:
+            raise DataError(f"RGB-NIR image {path} has no near-infrared partner "
+                            f"{folder}/{index}_nir.tiff (or .tif/.jpg/.png)")
+        pairs[index] = PairFiles(f"{folder.name}/{index}", path, nir)
+    return pairs
+
+
+@DATASETS.register("rgbnir")
+class RGBNIR(FilePairDataset):
+    """RGB-NIR scene dataset visible / near-infrared pairs (pixel-aligned), split by index."""
+
+    dirname = "RGB-NIR"
+
+    def __init__(self, root: Path, split: str, max_size: int | None = None,
+                 max_pairs: int | None = None) -> None:
+        self.root = Path(root)
+        self.split = split
+        single = _rgbnir_category(self.root)
+        if single:
+            categories = {self.root.name: single}
+        else:
+            categories = {d.name: c for d in sorted(self.root.iterdir()) if d.is_dir()
+                          and (c := _rgbnir_category(d))} if self.root.is_dir() else {}
+        if not categories:
+            raise DataError(f"RGB-NIR root {self.root} holds no NNNN_rgb.* / NNNN_nir.* pairs, "
+                            "neither directly nor in category folders")
+        by_id = {p.pair_id: p for c in categories.values() for p in c.values()}
+        groups = {name: [p.pair_id for p in c.values()] for name, c in categories.items()}
+        ids = _split_ids(self.root, split, groups)
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise DataError(f"RGB-NIR split {split!r} of {self.root} names pairs that are not "
+                            f"there: {', '.join(missing[:5])}")
+        pairs = [by_id[i] for i in ids]
+        if not pairs:
+            raise DataError(f"RGB-NIR split {split!r} of {self.root} is empty")
+        super().__init__(_cap(pairs, max_pairs), max_size, ("vis", "nir"))
+
+
+# ----------------------------------------------------------------------------- folder
+
+
+def _read_transform(path: Path) -> np.ndarray:
+    try:
+        matrix = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read ground-truth transform {path}: {exc}") from None
+    return check_transform(matrix, str(path))
+
+
+def _folder_pairs(root: Path) -> dict[str, tuple[Path, Path]]:
+    """``name -> (path_a, path_b)`` from ``a/`` + ``b/`` subfolders or ``<name>_a|_b`` files."""
+    if (root / "a").is_dir() and (root / "b").is_dir():
+        files_a, files_b = _index_files(root / "a"), _index_files(root / "b")
+        for name in sorted(set(files_a) ^ set(files_b)):
+            have, lacks = ("a", "b") if name in files_a else ("b", "a")
+            raise DataError(f"folder dataset {root}: {have}/{name}.* has no partner in {lacks}/")
+        return {name: (files_a[name], files_b[name]) for name in files_a}
+    files = _index_files(root)
+    pairs = {}
+    for stem, path in files.items():
+        if stem.endswith("_a"):
+            name = stem[:-2]
+            if f"{name}_b" not in files:
+                raise DataError(f"folder dataset image {path} has no partner {root}/{name}_b.*")
+            pairs[name] = (path, files[f"{name}_b"])
+        elif stem.endswith("_b") and f"{stem[:-2]}_a" not in files:
+            raise DataError(f"folder dataset image {path} has no partner {root}/{stem[:-2]}_a.*")
+    return pairs
+
+
+@DATASETS.register("folder")
+class FolderPairs(FilePairDataset):
+    """Pairs from any folder, with an optional per-pair ground-truth transform A -> B."""
+
+    dirname = None
+
+    def __init__(self, root: Path, split: str, max_size: int | None = None,
+                 max_pairs: int | None = None) -> None:
+        self.root = Path(root)
+        self.split = split
+        if not self.root.is_dir():
+            raise DataError(f"folder dataset root {self.root} is not a folder")
+        found = _folder_pairs(self.root)
+        if not found:
+            raise DataError(f"folder dataset {self.root} holds no pairs: expected <name>_a.* with "
+                            "<name>_b.*, or subfolders a/ and b/ with equal file names")
+        ids = _split_ids(self.root, split, {"": list(found)})
+        pairs = []
+        for name in ids:
+            if name not in found:
+                raise DataError(f"folder dataset split {split!r} names pair {name!r}, "
+                                f"which is not in {self.root}")
+            gt = [self.root / f"{name}{ext}" for ext in (".npy", ".txt")]
+            gt = [p for p in gt if p.is_file()]
+            homography = _read_transform(gt[0]) if gt else None
+            pairs.append(PairFiles(name, *found[name], homography=homography, gray_b=False))
+        if not pairs:
+            raise DataError(f"folder dataset split {split!r} of {self.root} is empty")
+        super().__init__(_cap(pairs, max_pairs), max_size, ("a", "b"))
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+def open_dataset(cfg: DataConfig, split: str) -> PairDataset:
+    """Open ``split`` of the dataset ``cfg.dataset``.
+
+    The root is ``cfg.root`` or found through :func:`s2study.paths.data_root`. The validation
+    split is shrunk to ``cfg.val_max_size``; ``max_train_pairs`` / ``max_val_pairs`` cap the
+    train and validation splits.
+
+    Raises:
+        ConfigError: unknown dataset name.
+        DataError: missing root, split file or image.
+    """
+    cls = DATASETS.get(cfg.dataset)
+    if cls.dirname is None and cfg.root is None:
+        raise DataError(f"dataset {cfg.dataset!r} needs data.root (the folder holding the pairs)")
+    root = data_root(cls.dirname or "", cfg.root)
+    max_pairs = {cfg.train_split: cfg.max_train_pairs, cfg.val_split: cfg.max_val_pairs}
+    max_size = cfg.val_max_size if split == cfg.val_split else None
+    return cls(root, split, max_size=max_size, max_pairs=max_pairs.get(split))

@@ -1,0 +1,309 @@
+"""The S2 trainer: ``train(cfg)`` runs the same with or without Ray.
+
+One epoch = ``steps_per_epoch`` optimiser steps on S2 batches (SL pair + SSL-vis + SSL-ir,
+one batched forward), then validation on the val split (NC / NCM / CMR at ``val_k``,
+design.md section 2), a checkpoint, and a ``report(metrics, checkpoint)`` callback — the
+hook the study uses to talk to Ray Tune and MLflow. This module never imports Ray or MLflow.
+
+Randomness is re-seeded from ``(seed, epoch)`` at the start of every epoch, so a run resumed
+from a checkpoint continues exactly as the uninterrupted run would have (on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from s2study.config.load import config_to_dict, load_train_config, train_config_from_dict
+from s2study.config.schema import TrainConfig
+from s2study.errors import EnvironmentProblem, TrainingDiverged
+
+log = logging.getLogger(__name__)
+
+ReportFn = Callable[[dict[str, float], Path], None]
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves behind."""
+
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    best_val_ncm: float
+    epochs_done: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentProblem("device: 'cuda' was requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919) % 2**63
+
+
+def method_defaults(cfg: TrainConfig) -> tuple[int, float, float]:
+    """Crop size, learning rate and weight decay: the config's, or the paper's per method."""
+    from s2study.methods import load_methods
+
+    cls = load_methods().get(cfg.method.name)
+    paper = {"r2d2": (1e-4, 5e-4), "d2net": (1e-4, 1e-5)}.get(cfg.method.name, (1e-4, 0.0))
+    crop = cfg.crop_size or cls.default_crop
+    lr = cfg.lr if cfg.lr is not None else paper[0]
+    wd = cfg.weight_decay if cfg.weight_decay is not None else paper[1]
+    return crop, lr, wd
+
+
+def build_model(cfg: TrainConfig, device: torch.device):
+    """The method of ``cfg`` with its initial weights, on ``device``."""
+    from s2study.methods import build_method
+    from s2study.paths import shared_weights_dir
+
+    method = build_method(cfg.method.name, **cfg.method.params)
+    weights = cfg.method.weights
+    if weights == "official":
+        weights = str(shared_weights_dir() / "r2d2_WASF_N16.pt")
+    if weights:
+        method.load_pretrained(weights)
+        log.info("%s: initialised from %s", cfg.method.name, weights)
+    else:
+        log.info("%s: random initialisation (no method.weights given)", cfg.method.name)
+    return method.to(device)
+
+
+def _cycle(loader, steps: int):
+    """``steps`` batches from ``loader``, restarting it when exhausted."""
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    out_dir: str | Path | None = None,
+    report: ReportFn | None = None,
+    resume_from: str | Path | None = None,
+    extra: dict | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``cfg.method`` with the S2 joint loss.
+
+    Args:
+        cfg: a validated :class:`TrainConfig`.
+        out_dir: where ``last.pt`` and ``best.pt`` go (a temporary folder when None).
+        report: called after every epoch with the epoch's metrics and the checkpoint path.
+        resume_from: a checkpoint written by ``train``: weights, optimiser and epoch resume.
+        extra: stored in every checkpoint under ``"extra"`` (e.g. an MLflow run id).
+        max_steps: stop after this many optimiser steps in total (for smoke runs).
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        TrainingDiverged: the loss stayed non-finite for ``cfg.max_nonfinite_steps`` steps.
+    """
+    from torch.utils.data import DataLoader, Subset
+    from tqdm import tqdm
+
+    from s2study.checkpoint import load_checkpoint, save_checkpoint
+    from s2study.data.batch import make_s2_batch
+    from s2study.data.datasets import open_dataset
+    from s2study.evaluate import validate
+    from s2study.s2loss import s2_loss
+
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="s2study-train-"))
+    out.mkdir(parents=True, exist_ok=True)
+    crop, lr, wd = method_defaults(cfg)
+    train_set = open_dataset(cfg.data, cfg.data.train_split)
+    if cfg.data.max_train_pairs:
+        train_set = Subset(train_set, range(min(len(train_set), cfg.data.max_train_pairs)))
+    val_set = open_dataset(cfg.data, cfg.data.val_split, max_size=cfg.data.val_max_size)
+    if cfg.data.max_val_pairs:
+        val_set = Subset(val_set, range(min(len(val_set), cfg.data.max_val_pairs)))
+
+    method = build_model(cfg, device)
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    start_epoch, best_ncm, history = 1, -math.inf, []
+    if resume_from:
+        state = load_checkpoint(resume_from, map_location=device)
+        method.load_state_dict(state["model"])
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"]) + 1
+        best_ncm = float(state.get("best_val_ncm", -math.inf))
+        history = list(state.get("history", []))
+        log.info("resumed from %s at epoch %d", resume_from, start_epoch)
+
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    with_ssl = cfg.lambda_ssl > 0
+    steps_per_epoch = cfg.steps_per_epoch or max(1, len(train_set) // cfg.batch_size)
+    loader_gen = torch.Generator()
+    batch_gen = torch.Generator(device=device)
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) >= cfg.batch_size,
+        collate_fn=list,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+        generator=loader_gen,
+    )
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    steps_done = 0
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        loader_gen.manual_seed(epoch_seed(cfg.seed, epoch))
+        batch_gen.manual_seed(epoch_seed(cfg.seed, epoch) + 1)
+        method.train()
+        t0 = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        nonfinite = n_steps = 0
+        bar = tqdm(
+            _cycle(loader, steps_per_epoch),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        for samples in bar:
+            batch = make_s2_batch(
+                samples, crop, cfg.sl, cfg.ssl,
+                ssl_vis=with_ssl and cfg.ssl_vis, ssl_ir=with_ssl and cfg.ssl_ir,
+                generator=batch_gen, device=device,
+            )
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                parts = s2_loss(method, batch, cfg.lambda_ssl)
+            loss = parts["total"]
+            if not torch.isfinite(loss):
+                nonfinite += 1
+                if nonfinite >= cfg.max_nonfinite_steps:
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} for {nonfinite} consecutive steps at epoch {epoch}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            nonfinite = 0
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            n_steps += 1
+            steps_done += 1
+            if progress and n_steps % 5 == 1:
+                bar.set_postfix({k: f"{float(v) / n_steps:.3f}" for k, v in sums.items() if "/" not in k})
+            if max_steps and steps_done >= max_steps:
+                break
+        bar.close()
+        train_time = time.perf_counter() - t0
+        metrics: dict[str, float] = {"epoch": float(epoch)}
+        metrics.update({f"loss/{k}": float(v) / max(n_steps, 1) for k, v in sums.items()})
+        t1 = time.perf_counter()
+        metrics.update(validate(method, val_set, k=cfg.val_k, threshold=cfg.val_threshold_px, device=device))
+        metrics["time/train_s"] = train_time
+        metrics["time/val_s"] = time.perf_counter() - t1
+        history.append(metrics)
+        improved = metrics["val_ncm"] > best_ncm
+        best_ncm = max(best_ncm, metrics["val_ncm"])
+        payload = {
+            "method": {"name": cfg.method.name, "params": dict(method.params)},
+            "model": method.state_dict(),
+            "config": config_to_dict(cfg),
+            "epoch": epoch,
+            "metrics": metrics,
+            "best_val_ncm": best_ncm,
+            "history": history,
+            "extra": dict(extra or {}),
+        }
+        if improved:
+            save_checkpoint(best_path, payload)
+        save_checkpoint(last_path, {**payload, "optimizer": optimizer.state_dict()})
+        if progress:
+            print(
+                f"epoch {epoch}: loss {metrics.get('loss/total', float('nan')):.4f}  "
+                f"val NCM@{cfg.val_threshold_px:g}px K={cfg.val_k}: {metrics['val_ncm']:.1f}  "
+                f"CMR {metrics['val_cmr']:.1f}%  ({train_time:.1f}s train, {metrics['time/val_s']:.1f}s val)",
+                flush=True,
+            )
+        if report:
+            report(metrics, last_path)
+        if max_steps and steps_done >= max_steps:
+            break
+    return TrainResult(
+        last_checkpoint=last_path,
+        best_checkpoint=best_path if best_path.exists() else None,
+        best_val_ncm=best_ncm,
+        epochs_done=epoch,
+        history=history,
+    )
+
+
+def _cli_train(args: argparse.Namespace) -> int:
+    overrides = list(args.set or [])
+    if args.epochs is not None:
+        overrides.append(f"epochs={args.epochs}")
+    if args.device:
+        overrides.append(f"device={args.device}")
+    cfg = load_train_config(args.config, overrides)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out).resolve()
+    result = train(cfg, out_dir=out, resume_from=args.resume, max_steps=args.max_steps)
+    print(f"best val NCM {result.best_val_ncm:.1f}; checkpoints: {result.best_checkpoint}, {result.last_checkpoint}")
+    return 0
+
+
+def register_cli(sub) -> None:
+    from s2study.config.load import preset_names
+
+    p = sub.add_parser(
+        "train",
+        help="train one config (a YAML file or a preset)",
+        description="Train one configuration with the S2 joint loss. Presets: " + ", ".join(preset_names()),
+    )
+    p.add_argument("config", help="a train YAML file or a preset name")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--epochs", type=int, help="override epochs")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps in total")
+    p.add_argument("--out", default="runs/train", help="output folder for best.pt / last.pt (default: runs/train)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="resume from a last.pt written by train")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the device")
+    p.set_defaults(func=_cli_train)
+
+
+__all__ = ["TrainResult", "train", "train_config_from_dict", "resolve_device"]
