@@ -16,8 +16,17 @@ from s2study.methods.base import Method
 SSL_PARTS = ("ssl_vis", "ssl_ir")
 
 
+def active_parts(batch: S2Batch, lambda_ssl: float) -> dict[str, slice]:
+    """The parts that contribute: SSL parts only when ``lambda_ssl > 0``.
+
+    With ``lambda_ssl == 0`` the SSL images are not even forwarded, so they cannot touch the
+    gradient (not through batch-norm statistics either).
+    """
+    return {k: v for k, v in batch.parts.items() if k == "sl" or lambda_ssl > 0}
+
+
 def s2_loss(method: Method, batch: S2Batch, lambda_ssl: float) -> dict[str, Tensor]:
-    """Forward the whole S2 batch once and combine the method's losses.
+    """Forward the S2 batch once and combine the method's losses.
 
     Args:
         method: any :class:`Method`.
@@ -29,18 +38,19 @@ def s2_loss(method: Method, batch: S2Batch, lambda_ssl: float) -> dict[str, Tens
         ``{"total", "sl", "ssl_vis", "ssl_ir", "sl/<part>", ...}``: scalar tensors; ``total``
         is the joint loss, the others are detached for logging.
     """
-    n = batch.images_a.shape[0]
-    out = method(torch.cat([batch.images_a, batch.images_b]))
-    out_a, out_b = out.select(slice(0, n)), out.select(slice(n, 2 * n))
+    parts = active_parts(batch, lambda_ssl)
+    stop = max(p.stop for p in parts.values())  # parts are contiguous from 0: SL, SSL-vis, SSL-ir
+    out = method(torch.cat([batch.images_a[:stop], batch.images_b[:stop]]))
+    out_a, out_b = out.select(slice(0, stop)), out.select(slice(stop, 2 * stop))
     terms: dict[str, Tensor] = {}
     logged: dict[str, Tensor] = {}
-    for name, part in batch.parts.items():
-        parts = method.loss(out_a.select(part), out_b.select(part), batch.flow[part], batch.valid[part])
-        terms[name] = parts["total"]
-        logged[name] = parts["total"].detach()
-        logged.update({f"{name}/{k}": v.detach() for k, v in parts.items() if k != "total"})
+    for name, part in parts.items():
+        losses = method.loss(out_a.select(part), out_b.select(part), batch.flow[part], batch.valid[part])
+        terms[name] = losses["total"]
+        logged[name] = losses["total"].detach()
+        logged.update({f"{name}/{k}": v.detach() for k, v in losses.items() if k != "total"})
     total = terms["sl"]
-    ssl = [terms[p] for p in SSL_PARTS if p in terms]
-    if ssl and lambda_ssl > 0:
-        total = total + lambda_ssl * sum(ssl)
+    for name in SSL_PARTS:
+        if name in terms:
+            total = total + lambda_ssl * terms[name]
     return {"total": total, **logged}

@@ -92,6 +92,24 @@ def build_model(cfg: TrainConfig, device: torch.device):
     return method.to(device)
 
 
+def validate(method, dataset, k: int, threshold: float, device: torch.device) -> dict[str, float]:
+    """Mean NC / NCM / CMR / repeatability at ``k`` on ``dataset`` (the study's metric source).
+
+    Runs the same evaluation as ``s2study eval`` on the in-memory network, then puts the
+    network back in training mode.
+    """
+    from s2study.evaluate import evaluate
+    from s2study.extractor import MethodExtractor
+
+    extractor = MethodExtractor(method, name="val", cache_key="", device=device, options={})
+    try:
+        result = evaluate([extractor], dataset, ks=(k,), main_threshold=threshold, progress=False)
+    finally:
+        method.train()
+    mean = result.means["val"][k]
+    return {"val_nc": mean.nc, "val_ncm": mean.ncm, "val_cmr": mean.cmr, "val_rep": mean.repeatability}
+
+
 def _cycle(loader, steps: int):
     """``steps`` batches from ``loader``, restarting it when exhausted."""
     done = 0
@@ -130,13 +148,12 @@ def train(
     Raises:
         TrainingDiverged: the loss stayed non-finite for ``cfg.max_nonfinite_steps`` steps.
     """
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from s2study.checkpoint import load_checkpoint, save_checkpoint
     from s2study.data.batch import make_s2_batch
     from s2study.data.datasets import open_dataset
-    from s2study.evaluate import validate
     from s2study.s2loss import s2_loss
 
     seed_everything(cfg.seed)
@@ -145,11 +162,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     crop, lr, wd = method_defaults(cfg)
     train_set = open_dataset(cfg.data, cfg.data.train_split)
-    if cfg.data.max_train_pairs:
-        train_set = Subset(train_set, range(min(len(train_set), cfg.data.max_train_pairs)))
-    val_set = open_dataset(cfg.data, cfg.data.val_split, max_size=cfg.data.val_max_size)
-    if cfg.data.max_val_pairs:
-        val_set = Subset(val_set, range(min(len(val_set), cfg.data.max_val_pairs)))
+    val_set = open_dataset(cfg.data, cfg.data.val_split)
 
     method = build_model(cfg, device)
     params = [p for p in method.parameters() if p.requires_grad]
@@ -187,6 +200,7 @@ def train(
     steps_done = 0
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs + 1):
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))  # the losses' own sampling
         loader_gen.manual_seed(epoch_seed(cfg.seed, epoch))
         batch_gen.manual_seed(epoch_seed(cfg.seed, epoch) + 1)
         method.train()

@@ -1,0 +1,207 @@
+"""Random transforms of the S2 training pairs, batched on the device.
+
+- SSL cascade ``T = Ts . Tr . Tq . Tn . Tb . Ti`` (paper, section II-B): the geometric part
+  ``Ts . Tr . Tq`` is one homography per sample (:func:`random_ssl_homographies`), which gives
+  the dense ground truth; the photometric part (:func:`photometric_ssl`) inverts gray values
+  above a random threshold (Ti), blurs (Tb) and adds Gaussian noise (Tn), in that order.
+- SL offset (paper, section III-A): aligned pairs get a random rotation, scale and projection
+  of the infrared image (:func:`random_sl_offsets`), random flips of the whole pair
+  (:func:`flip_matrices`) and light noise and blur (:func:`photometric_sl`).
+
+Homographies map pixel coordinates of the source image to the transformed image (pixel
+centres at integers, the :mod:`s2study.geometry` convention), so
+``kornia.geometry.transform.warp_perspective(image, H, dsize)`` renders the transformed image.
+Every random number comes from the given ``torch.Generator`` (drawn on the generator's device,
+then moved), so a seed gives the same transforms on any device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from kornia.filters import gaussian_blur2d
+from kornia.geometry.transform import get_perspective_transform
+from torch import Tensor
+
+from s2study.config.schema import SLAugmentConfig, SSLAugmentConfig
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator, device) -> Tensor:
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def _sizes(n: int, size: int | Tensor, device) -> Tensor:
+    return torch.as_tensor(size, dtype=torch.float32, device=device).expand(n)
+
+
+def _lerp(lo: float, hi: float, u: Tensor) -> Tensor:
+    return lo + (hi - lo) * u
+
+
+def similarity_about(center: Tensor, angle: Tensor, scale: Tensor) -> Tensor:
+    """Rotation by ``angle`` (radians, clockwise on screen as y points down) and isotropic
+    ``scale`` about ``center``.
+
+    Args:
+        center: (n, 2) pixel coordinates ``(x, y)``; angle, scale: (n,).
+
+    Returns:
+        (n, 3, 3) homographies.
+    """
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    cx, cy = center.unbind(-1)
+    m = torch.zeros(center.shape[0], 3, 3, device=center.device, dtype=center.dtype)
+    m[:, 0, 0], m[:, 0, 1], m[:, 0, 2] = cos, -sin, cx - cos * cx + sin * cy
+    m[:, 1, 0], m[:, 1, 1], m[:, 1, 2] = sin, cos, cy - sin * cx - cos * cy
+    m[:, 2, 2] = 1
+    return m
+
+
+def corner_jitter(jitter: Tensor, height: Tensor, width: Tensor) -> Tensor:
+    """Quadrangle projection: the homography moving the image corners by ``jitter``.
+
+    Args:
+        jitter: (n, 4, 2) corner displacements as fractions of (width, height), for the
+            corners top-left, top-right, bottom-right, bottom-left.
+        height, width: (n,) image sizes.
+
+    Returns:
+        (n, 3, 3) homographies.
+    """
+    w, h = width - 1, height - 1
+    zero = torch.zeros_like(w)
+    corners = torch.stack(
+        [torch.stack([zero, zero], -1), torch.stack([w, zero], -1),
+         torch.stack([w, h], -1), torch.stack([zero, h], -1)], dim=1
+    )
+    moved = corners + jitter * torch.stack([w, h], -1)[:, None]
+    return get_perspective_transform(corners, moved)
+
+
+def random_ssl_homographies(
+    n: int, height: int | Tensor, width: int | Tensor, cfg: SSLAugmentConfig,
+    generator: torch.Generator, device=None,
+) -> Tensor:
+    """Random geometric SSL transforms ``Ts . Tr . Tq``.
+
+    Args:
+        n: number of transforms.
+        height, width: image size, an int or an (n,) tensor (one per sample).
+        cfg: scale range (Ts), rotation in [-rotation_deg, rotation_deg] about the image
+            centre (Tr), corner jitter up to ``perspective`` of the size (Tq).
+        generator: source of randomness.
+        device: device of the result.
+
+    Returns:
+        (n, 3, 3) float32 homographies mapping the image onto its transformed copy.
+    """
+    h, w = _sizes(n, height, device), _sizes(n, width, device)
+    u = _rand((n, 10), generator, device)
+    center = torch.stack([(w - 1) / 2, (h - 1) / 2], -1)
+    scale = _lerp(*cfg.scale, u[:, 0])
+    angle = _lerp(-1.0, 1.0, u[:, 1]) * math.radians(cfg.rotation_deg)
+    jitter = _lerp(-cfg.perspective, cfg.perspective, u[:, 2:]).view(n, 4, 2)
+    ts = similarity_about(center, torch.zeros_like(scale), scale)
+    tr = similarity_about(center, angle, torch.ones_like(scale))
+    return ts @ tr @ corner_jitter(jitter, h, w)
+
+
+def random_sl_offsets(
+    n: int, height: int | Tensor, width: int | Tensor, cfg: SLAugmentConfig,
+    generator: torch.Generator, device=None,
+) -> Tensor:
+    """Random offsets of the infrared image of aligned SL pairs.
+
+    A rotation in [-rotation_deg, rotation_deg] and a scale in ``cfg.scale`` about the image
+    centre, a corner jitter up to ``perspective`` of the size, and with probability
+    ``rot90_prob`` an extra rotation by 90, 180 or 270 degrees.
+
+    Args:
+        n: number of offsets; height, width: image size, an int or an (n,) tensor.
+        cfg: the SL augmentation magnitudes.
+        generator: source of randomness; device: device of the result.
+
+    Returns:
+        (n, 3, 3) float32 homographies mapping the infrared image onto its offset copy.
+    """
+    h, w = _sizes(n, height, device), _sizes(n, width, device)
+    u = _rand((n, 12), generator, device)
+    center = torch.stack([(w - 1) / 2, (h - 1) / 2], -1)
+    quarter = torch.where(u[:, 10] < cfg.rot90_prob, 1 + (u[:, 11] * 3).floor().clamp(max=2), 0)
+    angle = _lerp(-1.0, 1.0, u[:, 0]) * math.radians(cfg.rotation_deg) + quarter * (math.pi / 2)
+    rotate_scale = similarity_about(center, angle, _lerp(*cfg.scale, u[:, 1]))
+    jitter = _lerp(-cfg.perspective, cfg.perspective, u[:, 2:10]).view(n, 4, 2)
+    return rotate_scale @ corner_jitter(jitter, h, w)
+
+
+def flip_matrices(flip: Tensor, width: Tensor) -> Tensor:
+    """Horizontal flips as homographies.
+
+    Args:
+        flip: (n,) bool, which samples are flipped; width: (n,) image widths.
+
+    Returns:
+        (n, 3, 3): ``x -> width - 1 - x`` where flipped, identity elsewhere.
+    """
+    m = torch.eye(3, device=flip.device).repeat(flip.shape[0], 1, 1)
+    m[:, 0, 0] = torch.where(flip, -1.0, 1.0)
+    m[:, 0, 2] = torch.where(flip, width.to(m.dtype) - 1, 0.0)
+    return m
+
+
+def add_noise(images: Tensor, std: Tensor, generator: torch.Generator) -> Tensor:
+    """``images + std * N(0, 1)``; images (n, C, H, W), std (n,)."""
+    noise = torch.randn(images.shape, generator=generator, device=generator.device)
+    return images + std.view(-1, 1, 1, 1) * noise.to(images.device)
+
+
+def blur(images: Tensor, sigma: Tensor, max_sigma: float) -> Tensor:
+    """Gaussian blur with a per-image ``sigma`` (n,) (at most ``max_sigma``); images (n, C, H, W)."""
+    radius = max(1, math.ceil(3 * max_sigma))
+    sigma = sigma.clamp(min=1e-3).view(-1, 1).expand(-1, 2)
+    return gaussian_blur2d(images, 2 * radius + 1, sigma)
+
+
+def photometric_ssl(images: Tensor, cfg: SSLAugmentConfig, generator: torch.Generator) -> Tensor:
+    """Photometric part of the SSL cascade: Ti, then Tb, then Tn.
+
+    Ti inverts the values above a threshold drawn from ``cfg.invert_threshold``
+    (``v -> 1 - v``, a solarize) with probability ``cfg.invert_prob``; Tb blurs with sigma
+    ``cfg.blur_sigma``; Tn adds Gaussian noise of std ``cfg.noise_std``.
+
+    Args:
+        images: (n, 3, H, W) float in [0, 1].
+
+    Returns:
+        (n, 3, H, W) float in [0, 1].
+    """
+    n = images.shape[0]
+    u = _rand((n, 2), generator, images.device)
+    threshold = _lerp(*cfg.invert_threshold, u[:, 0]).view(n, 1, 1, 1)
+    invert = (u[:, 1] < cfg.invert_prob).view(n, 1, 1, 1)
+    out = torch.where(invert & (images > threshold), 1 - images, images)
+    if cfg.blur_sigma > 0:
+        out = blur(out, torch.full((n,), cfg.blur_sigma, device=images.device), cfg.blur_sigma)
+    if cfg.noise_std > 0:
+        out = add_noise(out, torch.full((n,), cfg.noise_std, device=images.device), generator)
+    return out.clamp(0, 1)
+
+
+def photometric_sl(images: Tensor, cfg: SLAugmentConfig, generator: torch.Generator) -> Tensor:
+    """Light noise and blur of SL images: per image, a blur sigma drawn in
+    [0, ``cfg.blur_sigma``] and a noise std drawn in [0, ``cfg.noise_std``].
+
+    Args:
+        images: (n, 3, H, W) float in [0, 1].
+
+    Returns:
+        (n, 3, H, W) float in [0, 1].
+    """
+    u = _rand((images.shape[0], 2), generator, images.device)
+    out = images
+    if cfg.blur_sigma > 0:
+        out = blur(out, u[:, 0] * cfg.blur_sigma, cfg.blur_sigma)
+    if cfg.noise_std > 0:
+        out = add_noise(out, u[:, 1] * cfg.noise_std, generator)
+    return out.clamp(0, 1)

@@ -1,0 +1,767 @@
+"""R2D2 (Revaud et al., NeurIPS 2019): repeatable and reliable detector and descriptor.
+
+- **Network** (the official ``Quad_L2Net_ConfCFS``): an L2-Net-style trunk of nine
+  convolutions at full resolution (3x3 convolutions whose dilation doubles where L2-Net
+  strides, the final 8x8 convolution replaced by three dilated 2x2 ones), batch norm without
+  affine parameters, ReLU; 128-d L2-normalised descriptors; two 1x1 heads on the squared
+  features: ``clf`` (2 channels, softmax) gives the *reliability*, ``sal`` (1 channel,
+  ``u / (1 + u)`` with ``u = softplus``) the *repeatability*. The module layout is the
+  official one, so the official state dict loads strictly once ``module.`` is stripped.
+- **Loss** (the official ``MultiLoss``): reliability-weighted AP loss on descriptors sampled
+  as the official ``NghSampler2`` does (random queries, positives within ``pos_d`` px of the
+  ground truth with max-pooling, negatives on the ring ``neg_d``..``ngh`` plus random
+  distractors from the whole batch), a differentiable AP with ``nq`` triangular bins,
+  computed here as a two-bin scatter per score instead of the official ``N x nq x M``
+  quantiser tensor; the cosine-similarity repeatability loss on ``N x N`` patches and the
+  peakiness loss.
+- **Extraction** (the official ``extract.py``): 3x3 non-maximum suppression of the
+  repeatability, reliability and repeatability thresholds, score ``rep * rel``, optionally on
+  the official image pyramid.
+
+Deliberate departures from the official code, all at the edges of its behaviour:
+
+- queries are drawn among the *valid* pixels (the official code draws them anywhere and
+  masks afterwards), so pairs where only a fraction of the pixels correspond still train;
+- negatives that fall outside image B and distractors near the ground truth are dropped from
+  the ranking (the official code clamps the former onto the border and scores the latter 0);
+- the cosine-similarity loss ignores invalid pixels and weighs each patch by its valid
+  fraction (the official code compares them with border-padded values); pairs without any
+  correspondence contribute nothing to any part of the loss;
+- the flow is sampled with ``align_corners=True`` to match its normalisation, and pyramid
+  keypoints are mapped back with pixel-centre alignment ``(x + 0.5) * W / w - 0.5``
+  (the official code mixes conventions, off by half a pixel).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from s2study.errors import CheckpointError, ConfigError
+from s2study.methods.base import METHODS, DenseFeatures, Keypoints, Method
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: official architecture names -> (our defaults for its keyword arguments); only these names
+#: and keywords are accepted from a checkpoint's ``net`` string
+OFFICIAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "Quad_L2Net_ConfCFS": {"dim": 128, "mchan": 4, "relu22": False},
+}
+
+_CALL_RE = re.compile(r"\s*([A-Za-z_]\w*)\s*\((.*)\)\s*", re.DOTALL)
+_ARG_RE = re.compile(r"\s*([A-Za-z_]\w*)\s*=\s*(.+?)\s*")
+_INT_RE = re.compile(r"[-+]?\d+")
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _literal(text: str, source: str) -> Any:
+    """A literal int, float or bool from a checkpoint string; anything else is refused."""
+    if text in ("True", "False"):
+        return text == "True"
+    if _INT_RE.fullmatch(text):
+        return int(text)
+    if _FLOAT_RE.fullmatch(text):
+        return float(text)
+    raise CheckpointError(
+        f"{source}: architecture argument {text!r} is not a literal number or bool "
+        "(the architecture string is parsed, never evaluated)"
+    )
+
+
+def official_checkpoint_params(net_string: str, source: str = "checkpoint") -> dict[str, Any]:
+    """Parse an official checkpoint's ``net`` string against the architecture whitelist.
+
+    Args:
+        net_string: e.g. ``"Quad_L2Net_ConfCFS()"`` or ``"Quad_L2Net_ConfCFS(dim=128)"``;
+            only keyword arguments with literal values are accepted.
+        source: what to name in error messages (the file).
+
+    Returns:
+        The architecture parameters of :class:`R2D2` (``dim``, ``mchan``, ``relu22``).
+
+    Raises:
+        CheckpointError: not a call of a whitelisted architecture with known literal keywords.
+    """
+    if not isinstance(net_string, str):
+        raise CheckpointError(f"{source}: 'net' is a {type(net_string).__name__}, expected a string")
+    call = _CALL_RE.fullmatch(net_string)
+    known = ", ".join(OFFICIAL_ARCHITECTURES)
+    if call is None or call.group(1) not in OFFICIAL_ARCHITECTURES:
+        raise CheckpointError(
+            f"{source}: architecture {net_string[:80]!r} is not supported; known: {known}"
+        )
+    name, body = call.group(1), call.group(2)
+    params = dict(OFFICIAL_ARCHITECTURES[name])
+    for item in filter(str.strip, body.split(",")):
+        arg = _ARG_RE.fullmatch(item)
+        if arg is None or arg.group(1) not in params:
+            raise CheckpointError(
+                f"{source}: argument {item.strip()!r} of {name} is not supported; "
+                f"allowed keywords: {', '.join(params)}"
+            )
+        value = _literal(arg.group(2), source)
+        if type(value) is not type(params[arg.group(1)]):
+            raise CheckpointError(
+                f"{source}: {name} argument {arg.group(1)}={value!r} should be a "
+                f"{type(params[arg.group(1)]).__name__}"
+            )
+        params[arg.group(1)] = value
+    return params
+
+
+def is_official_checkpoint(obj: Any) -> bool:
+    """True for a dict in the official format: ``{"net": str, "state_dict": {...}}``."""
+    return (
+        isinstance(obj, dict)
+        and isinstance(obj.get("net"), str)
+        and isinstance(obj.get("state_dict"), dict)
+        and "format" not in obj
+    )
+
+
+def strip_module_prefix(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The official ``DataParallel`` keys ``module.ops.0.weight`` -> ``ops.0.weight``."""
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read an official R2D2 checkpoint safely (``weights_only=True``).
+
+    Returns:
+        ``(params, state_dict)``: the architecture parameters and the state dict with the
+        ``module.`` prefix stripped.
+
+    Raises:
+        CheckpointError: missing, unreadable, not in the official format, or an architecture
+            outside the whitelist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+    if not is_official_checkpoint(obj):
+        keys = ", ".join(sorted(map(str, obj))[:8]) if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(
+            f"{path}: not an official R2D2 checkpoint (expected keys 'net' and 'state_dict', "
+            f"found {keys})"
+        )
+    return official_checkpoint_params(obj["net"], str(path)), strip_module_prefix(obj["state_dict"])
+
+
+# ----------------------------------------------------------------------------- network
+
+
+def _trunk_spec(dim: int, mchan: int, relu22: bool) -> list[tuple[int, int, int, bool, bool]]:
+    """(out channels, kernel, L2-Net stride, batch norm, relu) of the nine convolutions."""
+    return [
+        (8 * mchan, 3, 1, True, True),
+        (8 * mchan, 3, 1, True, True),
+        (16 * mchan, 3, 2, True, True),
+        (16 * mchan, 3, 1, True, True),
+        (32 * mchan, 3, 2, True, True),
+        (32 * mchan, 3, 1, True, True),
+        (32 * mchan, 2, 2, True, relu22),
+        (32 * mchan, 2, 2, True, relu22),
+        (dim, 2, 2, False, False),
+    ]
+
+
+def _build_trunk(dim: int, mchan: int, relu22: bool) -> tuple[nn.ModuleList, list[tuple]]:
+    """The official ``ops`` list and its stages ``(conv index, bn index | None, relu)``.
+
+    The official net keeps full resolution: an L2-Net stride becomes a doubling of the
+    dilation of the *following* convolutions, with "same" padding ``(k - 1) * d // 2``.
+    """
+    ops, stages, dilation, chan = nn.ModuleList(), [], 1, 3
+    for out, k, stride, bn, relu in _trunk_spec(dim, mchan, relu22):
+        conv_at = len(ops)
+        ops.append(nn.Conv2d(chan, out, k, padding=(k - 1) * dilation // 2, dilation=dilation))
+        bn_at = None
+        if bn:
+            bn_at = len(ops)
+            ops.append(nn.BatchNorm2d(out, affine=False))
+        if relu:
+            ops.append(nn.ReLU(inplace=True))
+        stages.append((conv_at, bn_at, relu))
+        dilation *= stride
+        chan = out
+    return ops, stages
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Convolution weights with an affine-free eval-mode batch norm folded in."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    return conv.weight * scale.view(-1, 1, 1, 1), (conv.bias - bn.running_mean) * scale
+
+
+# ----------------------------------------------------------------------------- loss terms
+
+
+def neighbourhood_offsets(ngh: int, subd: int, pos_d: int, neg_d: int) -> tuple[Tensor, Tensor]:
+    """Pixel offsets ``(dx, dy)`` of the positives and ring negatives around a ground truth.
+
+    Offsets lie on a grid of step ``subd`` within radius ``ngh``; positives are those with
+    ``|o| <= pos_d``, negatives those with ``neg_d <= |o| <= ngh`` (the official layout).
+
+    Returns:
+        ``pos`` (P, 2) and ``neg`` (K, 2) int64.
+    """
+    r = (ngh // subd) * subd
+    steps = torch.arange(-r, r + 1, subd)
+    dy, dx = torch.meshgrid(steps, steps, indexing="ij")
+    off = torch.stack([dx.reshape(-1), dy.reshape(-1)], dim=1)
+    d2 = (off**2).sum(1)
+    return off[d2 <= pos_d**2], off[(d2 >= neg_d**2) & (d2 <= ngh**2)]
+
+
+def _inner_box(height: int, width: int, border: int) -> tuple[int, int, int]:
+    """The border actually used (shrunk for tiny images) and the inner height and width."""
+    b = max(0, min(border, (min(height, width) - 1) // 2))
+    return b, height - 2 * b, width - 2 * b
+
+
+def sample_positions(mask: Tensor, border: int, step: int) -> tuple[Tensor, Tensor]:
+    """Sample pixel positions inside a border, as the official ``gen_grid`` does.
+
+    ``step > 0``: a regular grid of that step. ``step < 0``: ``area / step**2`` random
+    positions per image, drawn without replacement among the pixels where ``mask`` is True
+    (then among the others when there are too few).
+
+    Args:
+        mask: (B, H, W) bool, the pixels worth sampling.
+        border: pixels left out on each side.
+        step: grid step (> 0) or minus the mean spacing of random samples (< 0).
+
+    Returns:
+        ``xy`` (B, n, 2) int64 positions ``(x, y)`` and ``ok`` (B, n) bool (mask at xy).
+    """
+    bsz, height, width = mask.shape
+    b, hi, wi = _inner_box(height, width, border)
+    inner = mask[:, b : b + hi, b : b + wi].reshape(bsz, -1)
+    if step > 0:
+        ys = torch.arange(0, hi, step, device=mask.device)
+        xs = torch.arange(0, wi, step, device=mask.device)
+        idx = (ys[:, None] * wi + xs[None, :]).reshape(1, -1).expand(bsz, -1)
+    else:
+        n = max(1, hi * wi // step**2)
+        priority = torch.rand(bsz, hi * wi, device=mask.device) + inner.to(torch.float32)
+        idx = priority.topk(n, dim=1, sorted=False).indices
+    xy = torch.stack([idx % wi + b, idx // wi + b], dim=-1)
+    return xy, inner.gather(1, idx)
+
+
+def _feature_rows(maps: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B * H * W, C); a free view for channels-last maps."""
+    return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+
+
+def _gather(rows: Tensor, xy: Tensor, height: int, width: int) -> Tensor:
+    """Feature rows at integer positions ``xy`` (B, ..., 2) -> (B, ..., C)."""
+    bsz = xy.shape[0]
+    batch = torch.arange(bsz, device=xy.device).view(bsz, *([1] * (xy.dim() - 2)))
+    flat = (batch * height + xy[..., 1]) * width + xy[..., 0]
+    return rows.index_select(0, flat.reshape(-1)).view(*flat.shape, rows.shape[1])
+
+
+def _soft_histogram(scores: Tensor, weights: Tensor | None, nq: int) -> Tensor:
+    """Triangular-kernel histogram of similarities over ``nq`` bins, 1 (bin 0) down to 0.
+
+    Each score in [0, 1] splits its weight linearly between its two nearest bin centres;
+    scores above 1 go to bin 0, below 0 to the last bin (the official quantiser exactly).
+
+    Args:
+        scores: (N, M); weights: (N, M) or None (all ones).
+
+    Returns:
+        (N, nq) soft counts, differentiable w.r.t. ``scores`` and ``weights``.
+    """
+    t = ((1 - scores) * (nq - 1)).clamp(0, nq - 1)
+    lo = t.detach().floor().clamp(max=nq - 2).long()
+    hi_w = t - lo
+    lo_w = 1 - hi_w
+    if weights is not None:
+        hi_w, lo_w = hi_w * weights, lo_w * weights
+    hist = scores.new_zeros(scores.shape[0], nq)
+    return hist.scatter_add(1, lo, lo_w).scatter_add(1, lo + 1, hi_w)
+
+
+def quantized_ap(
+    positives: Tensor, negatives: Tensor, negative_weights: Tensor | None = None, nq: int = 20
+) -> Tensor:
+    """Differentiable average precision by quantisation (the official ``APLoss``).
+
+    Args:
+        positives: (N, P) similarities of each query to its positives.
+        negatives: (N, M) similarities to its negatives.
+        negative_weights: (N, M) weights in [0, 1] (0 drops a negative), or None.
+        nq: number of quantisation bins over [0, 1].
+
+    Returns:
+        (N,) AP per query in [0, 1].
+    """
+    rec = _soft_histogram(positives.float(), None, nq)
+    weights = None if negative_weights is None else negative_weights.float()
+    counts = rec + _soft_histogram(negatives.float(), weights, nq)
+    prec = rec.cumsum(1) / (counts.cumsum(1) + 1e-16)
+    rec = rec / rec.sum(1, keepdim=True).clamp_min(1e-16)
+    return (prec * rec).sum(1)
+
+
+def reliability_ap_loss(
+    desc_a: Tensor,
+    desc_b: Tensor,
+    rel_a: Tensor,
+    rel_b: Tensor,
+    flow: Tensor,
+    valid: Tensor,
+    *,
+    ngh: int = 7,
+    subq: int = -8,
+    subd: int = 1,
+    pos_d: int = 3,
+    neg_d: int = 5,
+    border: int = 16,
+    subd_neg: int = -8,
+    maxpool_pos: bool = True,
+    nq: int = 20,
+    base: float = 0.5,
+) -> tuple[Tensor, Tensor]:
+    """Reliability-weighted AP loss with the official ``NghSampler2`` sampling.
+
+    For each query pixel of A: its positives are B's pixels within ``pos_d`` of the ground
+    truth (the best one kept when ``maxpool_pos``), its negatives B's pixels on the ring
+    ``neg_d``..``ngh`` plus random distractors from every image B of the batch (those within
+    ``neg_d`` of the ground truth excluded). Per query ``1 - AP * r - (1 - r) * base`` with
+    ``r`` the reliability (mean of A's at the query and B's at the best positive).
+
+    Args:
+        desc_a, desc_b: (B, C, H, W) L2-normalised descriptors (channels-last is fastest).
+        rel_a, rel_b: (B, 1, H, W) reliability.
+        flow: (B, H, W, 2) absolute flow A -> B; valid: (B, H, W) bool.
+
+    Returns:
+        ``loss`` (scalar: mean over queries with a ground truth, 0 when there are none) and
+        ``ap`` (scalar, detached: their mean AP, for logging).
+    """
+    bsz, chan, height, width = desc_a.shape
+    rows_a, rows_b = _feature_rows(desc_a), _feature_rows(desc_b)
+    rel_rows_a, rel_rows_b = _feature_rows(rel_a), _feature_rows(rel_b)
+
+    xy_q, ok = sample_positions(valid, border, subq)  # (B, n, 2)
+    batch = torch.arange(bsz, device=flow.device)[:, None]
+    target = flow[batch, xy_q[..., 1], xy_q[..., 0]]  # (B, n, 2)
+    target = torch.where(ok[..., None], target, torch.zeros_like(target))
+    gt = (target + 0.5).floor().long()
+    feat_q = _gather(rows_a, xy_q, height, width)  # (B, n, C)
+    conf = _gather(rel_rows_a, xy_q, height, width)[..., 0]
+
+    pos_off, neg_off = neighbourhood_offsets(ngh, subd, pos_d, neg_d)
+    offsets = torch.cat([pos_off, neg_off]).to(flow.device)
+    cand = gt[:, :, None, :] + offsets  # (B, n, P + K, 2)
+    size = torch.tensor([width, height], device=flow.device)
+    inside = ((cand >= 0) & (cand < size)).all(-1)
+    cand = torch.minimum(cand.clamp_min(0), size - 1)
+    scores = torch.einsum("bnc,bnkc->bnk", feat_q, _gather(rows_b, cand, height, width)).float()
+    npos = pos_off.shape[0]
+    pos_scores, neg_scores = scores[..., :npos], scores[..., npos:]
+    if maxpool_pos:
+        pos_scores, best = pos_scores.max(dim=2, keepdim=True)
+        best_xy = cand.gather(2, best[..., None].expand(-1, -1, 1, 2))[:, :, 0]
+        conf = (conf + _gather(rel_rows_b, best_xy, height, width)[..., 0]) / 2
+    neg_weights = inside[..., npos:].float()
+
+    nq_total = xy_q.shape[1] * bsz
+    neg_scores = neg_scores.reshape(nq_total, -1)
+    neg_weights = neg_weights.reshape(nq_total, -1)
+    if subd_neg != 0:
+        xy_d, _ = sample_positions(torch.ones_like(valid), border, subd_neg)  # (B, m, 2)
+        feat_d = _gather(rows_b, xy_d, height, width).reshape(-1, chan)
+        dist = (feat_q.reshape(nq_total, chan) @ feat_d.t()).float()  # (B * n, B * m)
+        # distractors of the query's own image B within neg_d of its ground truth are dropped
+        near = ((xy_d[:, None] - gt[:, :, None]) ** 2).sum(-1) < neg_d**2  # (B, n, m)
+        own = torch.eye(bsz, dtype=torch.bool, device=flow.device)[:, None, :, None]
+        keep = ~(own & near[:, :, None, :])  # (B, n, B, m)
+        neg_scores = torch.cat([neg_scores, dist], dim=1)
+        neg_weights = torch.cat([neg_weights, keep.reshape(nq_total, -1).float()], dim=1)
+
+    ap = quantized_ap(pos_scores.reshape(nq_total, -1), neg_scores, neg_weights, nq)
+    conf = conf.reshape(-1).float()
+    per_query = 1 - ap * conf - (1 - conf) * base
+    mask = ok.reshape(-1).float()
+    count = mask.sum().clamp_min(1)
+    return (per_query * mask).sum() / count, ((ap * mask).sum() / count).detach()
+
+
+def _normalised_grid(flow: Tensor, valid: Tensor) -> Tensor:
+    """Absolute flow (B, H, W, 2) in pixels -> ``grid_sample`` grid (align_corners=True)."""
+    height, width = flow.shape[1:3]
+    scale = flow.new_tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)])
+    grid = flow * scale - 1
+    return torch.where(valid[..., None], grid, torch.full_like(grid, -2.0))
+
+
+def cosim_loss(rep_a: Tensor, rep_b: Tensor, flow: Tensor, valid: Tensor, patch: int = 16) -> Tensor:
+    """``1 - cos`` between ``patch x patch`` windows of A's repeatability and B's warped onto A.
+
+    Windows overlap by half (stride ``patch // 2``); invalid pixels are zeroed in both maps
+    and each window is weighted by its valid fraction.
+
+    Args:
+        rep_a, rep_b: (B, 1, H, W) repeatability; flow: (B, H, W, 2); valid: (B, H, W) bool.
+
+    Returns:
+        Scalar; 0 when no pixel is valid.
+    """
+    m = valid[:, None].to(rep_a.dtype)
+    warped = F.grid_sample(
+        rep_b, _normalised_grid(flow.to(rep_b.dtype), valid), mode="bilinear",
+        padding_mode="zeros", align_corners=True,
+    )
+    a, b = rep_a * m, warped * m
+
+    def pool(x: Tensor) -> Tensor:
+        return F.avg_pool2d(x, patch, stride=patch // 2)
+
+    weight = pool(m)
+    cos = pool(a * b) * torch.rsqrt((pool(a * a) + 1e-12) * (pool(b * b) + 1e-12))
+    return ((1 - cos) * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def peaky_loss(rep: Tensor, patch: int = 16) -> Tensor:
+    """``1 - mean(local max - local mean)`` of the (3x3-smoothed) repeatability, per image.
+
+    Args:
+        rep: (B, 1, H, W).
+
+    Returns:
+        (B,) loss per image; the ``(patch + 1)`` windows are applied separably (same values).
+    """
+    s = F.avg_pool2d(rep, 3, stride=1, padding=1)
+    k, p = patch + 1, patch // 2
+    local_max = F.max_pool2d(F.max_pool2d(s, (1, k), 1, (0, p)), (k, 1), 1, (p, 0))
+    local_mean = F.avg_pool2d(F.avg_pool2d(s, (1, k), 1, (0, p)), (k, 1), 1, (p, 0))
+    return 1 - (local_max - local_mean).mean(dim=(1, 2, 3))
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+def pyramid_sizes(
+    height: int,
+    width: int,
+    scale_f: float = 2**0.25,
+    min_size: int = 256,
+    max_size: int = 1024,
+    min_scale: float = 0.0,
+    max_scale: float = 1.0,
+) -> list[tuple[int, int, bool]]:
+    """The official multi-scale loop: every resize step ``(h, w, extract_here)``.
+
+    The image is resized step by step (each from the previous one, as officially) by
+    ``1 / scale_f``, from scale 1 while ``scale >= max(min_scale, min_size / max(H, W))``;
+    features are extracted at the steps with ``scale <= min(max_scale, max_size / max(H,
+    W))``. An image below ``min_size`` still gets scale 1 (the official loop yields nothing).
+    """
+    longest = max(height, width)
+    lo, hi = max(min_scale, min_size / longest), min(max_scale, max_size / longest)
+    steps, s = [], 1.0
+    while s + 0.001 >= lo:
+        size = (height, width) if s == 1.0 else (round(height * s), round(width * s))
+        steps.append((*size, s - 0.001 <= hi))
+        s /= scale_f
+    if not any(use for *_, use in steps):
+        steps = [(height, width, True)]
+    return steps
+
+
+@METHODS.register("r2d2")
+class R2D2(Method):
+    """R2D2 with the official ``Quad_L2Net_ConfCFS`` network.
+
+    Params (``default_params``):
+        dim, mchan, relu22: architecture (descriptor size, channel multiplier, ReLU after the
+            2x2 convolutions); the official checkpoint uses 128, 4, False.
+        patch_size: N of the cosim and peaky losses.
+        ap_nq, ap_base: AP quantisation bins and the reliability loss's base AP.
+        ngh, subq, subd, pos_d, neg_d, border, subd_neg, maxpool_pos: the AP sampler
+            (official ``NghSampler2``; negative steps mean random sampling).
+        w_ap, w_cosim, w_peaky: weights of the three loss parts.
+        reliability_thr, repeatability_thr: extraction thresholds.
+        scale_f, min_size, max_size, min_scale, max_scale: the multi-scale pyramid.
+    """
+
+    name = "r2d2"
+    default_crop = 192
+    default_params = {
+        "dim": 128,
+        "mchan": 4,
+        "relu22": False,
+        "patch_size": 16,
+        "ap_nq": 20,
+        "ap_base": 0.5,
+        "ngh": 7,
+        "subq": -8,
+        "subd": 1,
+        "pos_d": 3,
+        "neg_d": 5,
+        "border": 16,
+        "subd_neg": -8,
+        "maxpool_pos": True,
+        "w_ap": 1.0,
+        "w_cosim": 1.0,
+        "w_peaky": 1.0,
+        "reliability_thr": 0.7,
+        "repeatability_thr": 0.7,
+        "scale_f": 2**0.25,
+        "min_size": 256,
+        "max_size": 1024,
+        "min_scale": 0.0,
+        "max_scale": 1.0,
+    }
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._validate_params()
+        p = self.params
+        self.ops, self._stages = _build_trunk(p["dim"], p["mchan"], p["relu22"])
+        self.clf = nn.Conv2d(p["dim"], 2, kernel_size=1)
+        self.sal = nn.Conv2d(p["dim"], 1, kernel_size=1)
+        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.to(memory_format=torch.channels_last)
+
+    def _validate_params(self) -> None:
+        p = self.params
+
+        def need(ok: bool, key: str, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"r2d2.{key}: {p[key]!r} is not allowed; expected {allowed}")
+
+        def is_int(key: str) -> bool:
+            return isinstance(p[key], int) and not isinstance(p[key], bool)
+
+        for key in ("dim", "mchan", "ngh", "subd", "min_size", "max_size"):
+            need(is_int(key) and p[key] > 0, key, "a positive integer")
+        for key in ("border", "pos_d"):
+            need(is_int(key) and p[key] >= 0, key, "a non-negative integer")
+        need(is_int("patch_size") and p["patch_size"] >= 2 and p["patch_size"] % 2 == 0,
+             "patch_size", "an even integer >= 2")
+        need(is_int("ap_nq") and 2 <= p["ap_nq"] <= 100, "ap_nq", "an integer in [2, 100]")
+        need(isinstance(p["ap_base"], (int, float)) and 0 <= p["ap_base"] < 1, "ap_base", "a number in [0, 1)")
+        need(is_int("neg_d") and p["pos_d"] < p["neg_d"] <= p["ngh"], "neg_d", "an integer with pos_d < neg_d <= ngh")
+        need(is_int("subq") and p["subq"] != 0, "subq", "a non-zero integer (< 0: random queries)")
+        need(is_int("subd_neg"), "subd_neg", "an integer (0: no distractors, < 0: random)")
+        need(p["subd"] <= p["ngh"], "subd", "an integer <= ngh")
+        for key in ("relu22", "maxpool_pos"):
+            need(isinstance(p[key], bool), key, "true or false")
+        for key in ("w_ap", "w_cosim", "w_peaky"):
+            need(isinstance(p[key], (int, float)) and p[key] >= 0, key, "a non-negative number")
+        for key in ("reliability_thr", "repeatability_thr"):
+            need(isinstance(p[key], (int, float)) and 0 <= p[key] <= 1, key, "a number in [0, 1]")
+        need(isinstance(p["scale_f"], (int, float)) and p["scale_f"] > 1, "scale_f", "a number > 1")
+        need(isinstance(p["max_scale"], (int, float)) and 0 < p["max_scale"] <= 1, "max_scale", "a number in (0, 1]")
+        need(isinstance(p["min_scale"], (int, float)) and 0 <= p["min_scale"] <= p["max_scale"],
+             "min_scale", "a number in [0, max_scale]")
+
+    # -- network ----------------------------------------------------------------------------
+
+    def _trunk(self, x: Tensor) -> Tensor:
+        """Raw (unnormalised) 128-d features; eval mode folds batch norm into the convs."""
+        for conv_at, bn_at, relu in self._stages:
+            conv = self.ops[conv_at]
+            if bn_at is None:
+                x = conv(x)
+            elif self.training:
+                x = self.ops[bn_at](conv(x))
+            else:
+                weight, bias = _fold_bn(conv, self.ops[bn_at])
+                x = F.conv2d(x, weight, bias, 1, conv.padding, conv.dilation)
+            if relu:
+                x = F.relu(x, inplace=True)
+        return x
+
+    def forward(self, images: Tensor) -> DenseFeatures:
+        """Dense R2D2 features.
+
+        Args:
+            images: (B, 3, H, W) RGB in [0, 1]; ImageNet normalisation happens here.
+
+        Returns:
+            :class:`DenseFeatures` at stride 1: descriptors (B, dim, H, W) L2-normalised,
+            scores = repeatability * reliability (B, 1, H, W), extras ``repeatability`` and
+            ``reliability`` (B, 1, H, W) in [0, 1]. Maps are channels-last in memory.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"R2D2 expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        x = ((images - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+        x = self._trunk(x)
+        sq = x.square()
+        reliability = F.softmax(self.clf(sq), dim=1)[:, 1:2]
+        u = F.softplus(self.sal(sq))
+        repeatability = u / (1 + u)
+        return DenseFeatures(
+            descriptors=F.normalize(x, dim=1),
+            scores=repeatability * reliability,
+            extras={"repeatability": repeatability, "reliability": reliability},
+            stride=1,
+        )
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def load_state_checked(self, state_dict: dict[str, Tensor], source: str) -> None:
+        """Strictly load a state dict, naming ``source`` and every mismatch on failure.
+
+        Raises:
+            CheckpointError: missing or unexpected keys, non-tensors, or wrong shapes.
+        """
+        expected = self.state_dict()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        wrong = [
+            f"{k} (file {tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__}, "
+            f"model {tuple(expected[k].shape)})"
+            for k, v in state_dict.items()
+            if k in expected and (not isinstance(v, Tensor) or v.shape != expected[k].shape)
+        ]
+        problems = [
+            f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
+            for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+            if items
+        ]
+        if problems:
+            raise CheckpointError(f"{source}: weights do not fit the R2D2 network ({'; '.join(problems)})")
+        self.load_state_dict(state_dict, strict=True)
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Initialise from an official R2D2 checkpoint (e.g. ``r2d2_WASF_N16.pt``).
+
+        Raises:
+            CheckpointError: unreadable file, non-whitelisted or different architecture,
+                missing/unexpected keys or wrong shapes (the message names the file).
+        """
+        arch, state = read_official_checkpoint(path)
+        differ = {k: v for k, v in arch.items() if self.params[k] != v}
+        if differ:
+            mine = {k: self.params[k] for k in differ}
+            raise CheckpointError(f"{path}: checkpoint architecture {differ} differs from this network's {mine}")
+        self.load_state_checked(state, str(path))
+
+    @classmethod
+    def from_official_checkpoint(cls, path: str | Path, **params: Any) -> "R2D2":
+        """Build the network an official checkpoint describes and load its weights.
+
+        Args:
+            path: official checkpoint file.
+            params: other hyperparameters (loss, extraction thresholds...).
+        """
+        arch, state = read_official_checkpoint(path)
+        net = cls(**{**params, **arch})
+        net.load_state_checked(state, str(path))
+        return net
+
+    # -- loss -------------------------------------------------------------------------------
+
+    def loss(self, out_a: DenseFeatures, out_b: DenseFeatures, flow: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        """The official ``MultiLoss``: AP reliability + cosim + peaky.
+
+        Args:
+            out_a, out_b: this network's outputs for images A and B (B, ..., H, W).
+            flow: (B, H, W, 2) absolute flow A -> B; valid: (B, H, W) bool.
+
+        Returns:
+            ``total``, ``ap`` (reliability AP loss), ``cosim``, ``peaky`` (weighted into
+            ``total`` by w_ap, w_cosim, w_peaky) and ``mean_ap`` (detached, for logging).
+            Pairs with no valid pixel contribute nothing.
+        """
+        p = self.params
+        bsz, _, height, width = out_a.descriptors.shape
+        if flow.shape != (bsz, height, width, 2) or valid.shape != (bsz, height, width):
+            raise ValueError(
+                f"flow {tuple(flow.shape)} / valid {tuple(valid.shape)} do not match features "
+                f"{tuple(out_a.descriptors.shape)}: expected ({bsz}, {height}, {width}, 2) / "
+                f"({bsz}, {height}, {width})"
+            )
+        valid = valid.bool()
+        rep_a, rep_b = out_a.extras["repeatability"], out_b.extras["repeatability"]
+        ap, mean_ap = reliability_ap_loss(
+            out_a.descriptors, out_b.descriptors,
+            out_a.extras["reliability"], out_b.extras["reliability"], flow, valid,
+            ngh=p["ngh"], subq=p["subq"], subd=p["subd"], pos_d=p["pos_d"], neg_d=p["neg_d"],
+            border=p["border"], subd_neg=p["subd_neg"], maxpool_pos=p["maxpool_pos"],
+            nq=p["ap_nq"], base=p["ap_base"],
+        )
+        cosim = cosim_loss(rep_a, rep_b, flow, valid, p["patch_size"])
+        paired = valid.flatten(1).any(1).to(rep_a.dtype)
+        peaky_ab = (peaky_loss(rep_a, p["patch_size"]) + peaky_loss(rep_b, p["patch_size"])) / 2
+        peaky = (peaky_ab * paired).sum() / paired.sum().clamp_min(1)
+        total = p["w_ap"] * ap + p["w_cosim"] * cosim + p["w_peaky"] * peaky
+        return {"total": total, "ap": ap, "cosim": cosim, "peaky": peaky, "mean_ap": mean_ap}
+
+    # -- extraction -------------------------------------------------------------------------
+
+    def _detect(self, image: Tensor, max_keypoints: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Single-scale detections of one image (1, 3, h, w): xy (N, 2), scores, descriptors."""
+        out = self(image)
+        rep, rel = out.extras["repeatability"][0, 0], out.extras["reliability"][0, 0]
+        peak = rep == F.max_pool2d(rep[None, None], 3, stride=1, padding=1)[0, 0]
+        keep = peak & (rep >= self.params["repeatability_thr"]) & (rel >= self.params["reliability_thr"])
+        score = torch.where(keep, rep * rel, torch.full_like(rep, -1.0)).reshape(-1)
+        top, idx = score.topk(min(max_keypoints, score.numel()))
+        idx = idx[top >= 0]
+        width = rep.shape[1]
+        xy = torch.stack([idx % width, idx // width], dim=1).float()
+        desc = _feature_rows(out.descriptors).index_select(0, idx)
+        return xy, score[idx], desc
+
+    @torch.no_grad()
+    def extract(self, image: Tensor, max_keypoints: int, multiscale: bool = False) -> Keypoints:
+        """Keypoints of one image, the official way (NMS + thresholds, score rep * rel).
+
+        Args:
+            image: (1, 3, H, W) RGB in [0, 1] on this network's device.
+            max_keypoints: K, the most keypoints returned.
+            multiscale: use the official pyramid (``scale_f``, ``min_size``, ``max_size``,
+                ``min_scale``, ``max_scale``) and keep the top K over all scales.
+
+        Returns:
+            :class:`Keypoints` sorted by decreasing score: xy (N, 2) float32 in the input's
+            pixel coordinates, scores (N,), descriptors (N, dim) L2-normalised; N <= K.
+        """
+        if image.dim() != 4 or image.shape[:2] != (1, 3):
+            raise ValueError(f"extract expects one image of shape (1, 3, H, W), got {tuple(image.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            height, width = image.shape[2:]
+            p = self.params
+            steps = (
+                pyramid_sizes(height, width, p["scale_f"], p["min_size"], p["max_size"], p["min_scale"], p["max_scale"])
+                if multiscale
+                else [(height, width, True)]
+            )
+            found, current = [], image
+            for h, w, use in steps:
+                if (h, w) != tuple(current.shape[2:]):
+                    current = F.interpolate(current, (h, w), mode="bilinear", align_corners=False)
+                if use:
+                    xy, scores, desc = self._detect(current, max_keypoints)
+                    scale = xy.new_tensor([width / w, height / h])
+                    found.append(((xy + 0.5) * scale - 0.5, scores, desc))
+            xy, scores, desc = (torch.cat(parts) for parts in zip(*found))
+            order = scores.topk(min(max_keypoints, scores.numel())).indices
+            return Keypoints(xy[order].float(), scores[order].float(), desc[order].float())
+        finally:
+            self.train(was_training)

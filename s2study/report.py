@@ -1,0 +1,153 @@
+"""Study reports: the ranked trial table and the paper's tables, read back from MLflow.
+
+``s2study report STUDY_NAME|RUN_ID`` prints
+
+1. every trial of the study ranked by its best value of the study metric, with its status
+   (finished / stopped_early / failed / killed), epochs and sampled values;
+2. for the evaluated trials, the paper's Tables I-III (NC, NCM, CMR): one row per method
+   (``R2D2`` when lambda = 0, ``R2D2+SSL (λ=0.4)`` otherwise), one column per dataset and K.
+   A lambda sweep (``search_spaces/paper.yaml``) gives the paper's Fig. 3 as these rows.
+
+Evaluation metrics are stored as ``eval/nc_k1024``, ``eval/ncm_3px_k1024``,
+``eval/cmr_3px_k1024`` (MLflow does not allow ``@`` in names, so ``ncm@3px`` becomes
+``ncm_3px``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+METHOD_LABELS = {"r2d2": "R2D2", "d2net": "D2-Net"}
+DATASET_LABELS = {"roadscene": "RoadScene", "rgbnir": "RGB-NIR"}
+_EVAL_KEY = re.compile(r"^eval/(?P<m>nc|ncm|cmr|rep)(?:_(?P<t>[\d.]+px))?_k(?P<k>\d+)$")
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.3g}"
+    return str(value)
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 2) -> str:
+    """A plain aligned text table (numbers right-aligned)."""
+    cells = [[_fmt(v, digits) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def format_trials(rows: list[dict[str, Any]], metric: str) -> str:
+    """Ranked trials: ``rows`` hold trial, status, epochs, best and the sampled values, best first."""
+    if not rows:
+        return "(no trials)"
+    fixed = ["trial", "status", "epochs", "best"]
+    extra = [k for k in rows[0] if k not in fixed]
+    headers = ["rank", "trial", "status", "epochs", f"best {metric}", *extra]
+    return text_table(headers, [[i, *(r.get(k) for k in fixed), *(r.get(k) for k in extra)]
+                                for i, r in enumerate(rows, 1)])
+
+
+def method_label(method: str, lambda_ssl: float | None) -> str:
+    """``R2D2`` for lambda = 0 (the method's own loss), ``R2D2+SSL (λ=0.4)`` otherwise."""
+    name = METHOD_LABELS.get(method, method)
+    if lambda_ssl is None or lambda_ssl == 0:
+        return name
+    return f"{name}+SSL (λ={lambda_ssl:.3g})"
+
+
+def paper_tables(evaluated: list[dict[str, Any]]) -> str:
+    """Tables I-III of the paper (NC, NCM, CMR) from evaluated trials.
+
+    Args:
+        evaluated: one entry per trial: ``method``, ``dataset``, ``lambda_ssl``, ``name`` and
+            ``metrics`` (``eval/...`` keys).
+
+    Returns:
+        Three text tables, rows = method labels, columns = dataset x K.
+    """
+    cells: dict[tuple[str, str], dict[tuple[str, int], float]] = {}
+    labels: dict[tuple[str, str], str] = {}
+    tags: dict[str, str] = {}
+    for e in evaluated:
+        label = method_label(e["method"], e.get("lambda_ssl"))
+        key = (label, e["dataset"])
+        if key in cells:  # the same setting twice (top_n > 1 with fixed lambda): keep both rows
+            label = f"{label} [{e['name']}]"
+            key = (label, e["dataset"])
+        labels[key] = label
+        values: dict[tuple[str, int], float] = {}
+        for k, v in e["metrics"].items():
+            m = _EVAL_KEY.match(k)
+            if m:
+                values[(m["m"], int(m["k"]))] = v
+                if m["t"]:
+                    tags[m["m"]] = m["t"]
+        cells[key] = values
+    if not cells:
+        return "(no evaluated trials)"
+    datasets = sorted({d for _, d in cells}, key=lambda d: list(DATASET_LABELS).index(d) if d in DATASET_LABELS else 99)
+    ks = sorted({k for v in cells.values() for _, k in v})
+    rows_labels = sorted({lab for lab, _ in cells}, key=_label_order)
+    out = []
+    titles = (("nc", "TABLE I: number of correspondences (NC)"),
+              ("ncm", f"TABLE II: number of correct matches (NCM@{tags.get('ncm', '3px')})"),
+              ("cmr", f"TABLE III: ratio of correct matches, % (CMR@{tags.get('cmr', '3px')})"))
+    for metric, title in titles:
+        headers = ["method", *(f"{DATASET_LABELS.get(d, d)} K={k}" for d in datasets for k in ks)]
+        rows = [[lab, *(cells.get((lab, d), {}).get((metric, k)) for d in datasets for k in ks)]
+                for lab in rows_labels]
+        out.append(f"{title}\n{text_table(headers, rows, digits=1 if metric != 'cmr' else 2)}")
+    return "\n\n".join(out)
+
+
+def _label_order(label: str) -> tuple:
+    m = re.search(r"λ=([\d.e-]+)", label)
+    return (label.split("+")[0].split(" ")[0], float(m.group(1)) if m else 0.0, label)
+
+
+def study_report(uri: str, study_or_run: str) -> str:
+    """The report of a study stored in MLflow (see the module docstring).
+
+    Raises:
+        ConfigError: no such study (lists those that exist).
+    """
+    from s2study.study.tracking import fetch_study
+
+    rec = fetch_study(uri, study_or_run)
+    tags = rec.parent.tags
+    metric, mode = tags.get("s2study.metric", "val_ncm"), tags.get("s2study.mode", "max")
+    keys = [k for k in tags.get("s2study.space_keys", "").split(",") if k]
+    best_key = f"best_{metric}"
+    sign = -1 if mode == "max" else 1
+    trials = sorted(rec.trials, key=lambda r: (best_key not in r.metrics, sign * r.metrics.get(best_key, 0.0)))
+    rows, evaluated = [], []
+    for r in trials:
+        sampled = json.loads(r.tags.get("s2study.sampled", "{}"))
+        rows.append({"trial": r.name, "status": r.s2status, "epochs": _int(r.metrics.get("epoch")),
+                     "best": r.metrics.get(best_key), **{k: sampled.get(k) for k in keys}})
+        if any(k.startswith("eval/") for k in r.metrics):
+            lam = r.params.get("lambda_ssl")
+            evaluated.append({"name": r.name, "method": r.params.get("method.name", "?"),
+                              "dataset": r.params.get("data.dataset", "?"),
+                              "lambda_ssl": float(lam) if lam is not None else None, "metrics": r.metrics})
+    head = (f"study {rec.parent.tags.get('s2study.study', rec.parent.name)} (experiment {rec.experiment}, "
+            f"run {rec.parent.run_id}, {rec.parent.s2status}); {len(trials)} trials ranked by {metric} ({mode})")
+    parts = [head, format_trials(rows, metric)]
+    if evaluated:
+        split = next((r.tags.get("s2study.eval_split") for r in trials if "s2study.eval_split" in r.tags), "")
+        parts.append(f"evaluation ({split}):\n\n" + paper_tables(evaluated))
+    return "\n\n".join(parts)
+
+
+def _int(value: float | None) -> int | None:
+    return int(value) if value is not None and math.isfinite(value) else None

@@ -1,0 +1,392 @@
+"""Study files: the typed, validated :class:`StudyConfig` and its loader.
+
+A study file is YAML with these top-level keys (all but ``space`` optional)::
+
+    name: lambda-r2d2-roadscene        # default: the file name without .yaml
+    base:                              # the TrainConfig every trial starts from:
+      preset: r2d2-roadscene           #   a preset name or a train YAML path (optional),
+      data: {max_val_pairs: 20}        #   then TrainConfig keys merged on top of it
+    space:                             # dotted TrainConfig keys -> specs (study/space.py)
+      lambda_ssl: {type: float, low: 0.0, high: 1.2}
+    trials: 16                         # Tune num_samples
+    max_concurrent: 4                  # default: as many as the resources allow
+    resources: {cpu: 4, gpu: 1}        # per trial; fractional gpu (0.25) allowed
+    asha: {max_epochs: 30, grace_period: 3, reduction_factor: 2}   # enabled: false = no early stop
+    metric: val_ncm
+    mode: max
+    sampler: {name: tpe, seed: 0, n_startup_trials: 4}  # tpe|random|gp|cmaes|grid|bruteforce
+    storage: ./s2study_results         # Ray storage_path: a local folder or s3://bucket/prefix
+    tracking: {uri: sqlite:///mlflow.db, experiment: my-study}
+    evaluate: {top_n: 1, split: test, ks: [1024, 2048, 4096]}
+    failure: {max_failures: 2}
+
+``base: r2d2-roadscene`` is shorthand for ``base: {preset: r2d2-roadscene}``. Each trial trains
+for ``asha.max_epochs`` epochs (it overrides the base's ``epochs``; default: the base's).
+Relative paths (``storage``, a sqlite tracking URI, ``base.data.root``, a
+``base.method.weights`` file) are resolved against the current directory at load time, so
+nothing depends on the directory a Ray trial runs in.
+
+Everything is checked before Ray starts: unknown keys (with a suggestion), types, ranges,
+space keys against the TrainConfig schema, and every corner of the space (each categorical
+combination with all ranges at their low and at their high ends) must give a valid
+TrainConfig, including method parameters that the sampled method does not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from s2study.config.load import (
+    apply_overrides,
+    build_dataclass,
+    config_to_dict,
+    flatten,
+    read_yaml,
+    resolve_config_path,
+    train_config_from_dict,
+)
+from s2study.errors import ConfigError, EnvironmentProblem
+from s2study.registry import unknown_name_message
+from s2study.study.space import ParamSpec, corner_cases, grid_size, grid_values, overlay, parse_space
+
+METRICS = ("val_ncm", "val_nc", "val_cmr", "val_rep", "loss/total")
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "grid", "bruteforce")
+EVAL_SPLITS = ("test", "val")
+DEFAULT_STORAGE = "s2study_results"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What one trial asks Ray for: CPU cores and (possibly fractional) GPUs."""
+
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.cpu > 0:
+            raise ValueError(f"cpu: must be > 0, got {self.cpu}")
+        if self.gpu < 0 or (self.gpu > 1 and self.gpu != int(self.gpu)):
+            raise ValueError(f"gpu: must be a fraction in [0, 1] or a whole number, got {self.gpu}")
+
+
+@dataclass(frozen=True)
+class AshaConfig:
+    """ASHA early stopping on the study metric, one rung step per epoch.
+
+    ``max_epochs`` is every trial's epoch budget (None: the base config's ``epochs``).
+    """
+
+    enabled: bool = True
+    max_epochs: int | None = None
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ValueError(f"max_epochs: must be >= 1, got {self.max_epochs}")
+        if self.grace_period < 1:
+            raise ValueError(f"grace_period: must be >= 1, got {self.grace_period}")
+        if self.max_epochs is not None and self.grace_period > self.max_epochs:
+            raise ValueError(f"grace_period: {self.grace_period} is more than max_epochs {self.max_epochs}")
+        if not self.reduction_factor > 1:
+            raise ValueError(f"reduction_factor: must be > 1, got {self.reduction_factor}")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The Optuna sampler; ``n_startup_trials`` (tpe, gp, cmaes) defaults to a quarter of the trials."""
+
+    name: str = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise ValueError("name: " + unknown_name_message("sampler", self.name, list(SAMPLERS)))
+        if self.n_startup_trials is not None:
+            if self.n_startup_trials < 0:
+                raise ValueError(f"n_startup_trials: must be >= 0, got {self.n_startup_trials}")
+            if self.name not in ("tpe", "gp", "cmaes"):
+                raise ValueError(f"n_startup_trials: not used by sampler {self.name!r} (only tpe, gp, cmaes)")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: tracking URI and experiment (default: the study name).
+
+    The URI defaults to ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+    """
+
+    uri: str | None = None
+    experiment: str | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Post-study evaluation of the ``top_n`` best trials on ``split`` at each K in ``ks``."""
+
+    top_n: int = 1
+    split: str = "test"
+    ks: Any = (1024, 2048, 4096)
+
+    def __post_init__(self) -> None:
+        if self.top_n < 0:
+            raise ValueError(f"top_n: must be >= 0 (0 skips evaluation), got {self.top_n}")
+        if self.split not in EVAL_SPLITS:
+            raise ValueError("split: " + unknown_name_message("split", self.split, list(EVAL_SPLITS)))
+        ks = self.ks
+        if not isinstance(ks, (list, tuple)) or not ks or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in ks
+        ):
+            raise ValueError(f"ks: {ks!r} is not allowed; expected a non-empty list of positive integers")
+        object.__setattr__(self, "ks", tuple(ks))
+
+
+@dataclass(frozen=True)
+class FailureSettings:
+    """How often Tune retries a failed trial (from its last checkpoint)."""
+
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_failures < 0:
+            raise ValueError(f"max_failures: must be >= 0, got {self.max_failures}")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A validated study.
+
+    Attributes:
+        name: study name: Ray experiment folder and default MLflow experiment.
+        base: the resolved base TrainConfig as a nested mapping (defaults filled in,
+            ``epochs`` = ``asha.max_epochs``, paths absolute).
+        space: the search space, in file order.
+        trials: number of trials (Tune ``num_samples``).
+        max_concurrent: trials running at once (None: as many as resources allow).
+        resources / asha / sampler / tracking / evaluate / failure: the sections above.
+        metric / mode: what ASHA and Optuna optimise.
+        storage: absolute local folder or a URI (``s3://...``) for Ray's experiment state.
+        source: the study file (for messages).
+    """
+
+    name: str = ""
+    base: dict[str, Any] = field(default_factory=dict)
+    space: tuple[ParamSpec, ...] = ()
+    trials: int = 10
+    max_concurrent: int | None = None
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    asha: AshaConfig = field(default_factory=AshaConfig)
+    metric: str = "val_ncm"
+    mode: str = "max"
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    storage: str | None = None
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    failure: FailureSettings = field(default_factory=FailureSettings)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ValueError(f"trials: must be >= 1, got {self.trials}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ValueError(f"max_concurrent: must be >= 1 (or null), got {self.max_concurrent}")
+        if self.metric not in METRICS:
+            raise ValueError("metric: " + unknown_name_message("metric", self.metric, list(METRICS)))
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"mode: {self.mode!r} is not allowed; one of max, min")
+
+    @property
+    def max_epochs(self) -> int:
+        return int(self.base["epochs"])
+
+    @property
+    def base_flat(self) -> dict[str, Any]:
+        return flatten(self.base)
+
+
+_INTERNAL = ("base", "space", "source")
+
+
+def load_study(
+    path: str | Path, overrides: list[str] | None = None, trials: int | None = None,
+    cwd: Path | None = None,
+) -> StudyConfig:
+    """Read, override and validate a study file.
+
+    Args:
+        path: the study YAML.
+        overrides: ``KEY=VALUE`` items on the study's keys (``asha.max_epochs=3``,
+            ``base.lambda_ssl=0.2``, ``space.lambda_ssl.high=1.0``).
+        trials: overrides ``trials``.
+        cwd: directory relative paths resolve against (default: the current one).
+
+    Raises:
+        ConfigError: the message names the file, the key, the value and what is allowed.
+    """
+    path = Path(path)
+    raw = read_yaml(path)
+    if isinstance(raw.get("base"), str):
+        raw["base"] = {"preset": raw["base"]}
+    raw = apply_overrides(raw, overrides)
+    if trials is not None:
+        raw["trials"] = trials
+    return study_from_dict(raw, source=str(path), study_dir=path.resolve().parent, cwd=cwd)
+
+
+def study_from_dict(raw: dict[str, Any], source: str, study_dir: Path | None = None,
+                    cwd: Path | None = None) -> StudyConfig:
+    """Validate a study mapping (see :func:`load_study`)."""
+    cwd = (cwd or Path.cwd()).resolve()
+    study_dir = study_dir or cwd
+    raw = dict(raw)
+    for key in ("source",):
+        if key in raw:
+            raise ConfigError(f"{source}: {key}: unknown key {key!r}")
+    raw_base, raw_space = raw.pop("base", None), raw.pop("space", None)
+    cfg = build_dataclass(StudyConfig, raw, source)
+    name = cfg.name or Path(source).stem
+    if not _NAME.match(name):
+        raise ConfigError(f"{source}: name: {name!r} is not allowed; use letters, digits, '.', '_' and '-'")
+
+    base = _resolve_base(raw_base, source, study_dir, cwd)
+    max_epochs = cfg.asha.max_epochs or int(base.get("epochs", 10))
+    base["epochs"] = max_epochs
+    train = train_config_from_dict(base, source=f"{source}: base")
+    base = config_to_dict(train)
+    if cfg.asha.grace_period > max_epochs:
+        raise ConfigError(f"{source}: asha.grace_period: {cfg.asha.grace_period} is more than the "
+                          f"{max_epochs} epochs each trial trains")
+    space = parse_space(raw_space, source, flatten(base))
+    _check_corners(space, base, source)
+    _check_sampler(cfg, space, source)
+    return dataclasses.replace(
+        cfg,
+        name=name,
+        base=base,
+        space=space,
+        asha=dataclasses.replace(cfg.asha, max_epochs=max_epochs),
+        storage=resolve_storage(cfg.storage, cwd),
+        tracking=TrackingConfig(
+            uri=_resolve_tracking_uri(cfg.tracking.uri, cwd, source),
+            experiment=cfg.tracking.experiment or name,
+        ),
+        source=source,
+    )
+
+
+def _resolve_base(raw: Any, source: str, study_dir: Path, cwd: Path) -> dict[str, Any]:
+    """The base mapping: the preset's keys with the study's keys merged on top."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: base: {raw!r} is not allowed; expected a preset name or a mapping "
+                          "of TrainConfig keys (optionally with preset: NAME)")
+    raw = dict(raw)
+    preset = raw.pop("preset", None)
+    data: dict[str, Any] = {}
+    if preset is not None:
+        if not isinstance(preset, str):
+            raise ConfigError(f"{source}: base.preset: {preset!r} is not allowed; expected a preset name or path")
+        local = study_dir / preset
+        try:
+            data = read_yaml(local if local.is_file() else resolve_config_path(preset))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: base.preset: {exc}") from None
+    data = _merge(data, raw)
+    _absolute_paths(data, cwd)
+    return data
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _absolute_paths(base: dict[str, Any], cwd: Path) -> None:
+    data, method = base.get("data"), base.get("method")
+    if isinstance(data, dict) and isinstance(data.get("root"), str):
+        data["root"] = str((cwd / Path(data["root"]).expanduser()).resolve())
+    if isinstance(method, dict) and isinstance(method.get("weights"), str) and method["weights"] != "official":
+        method["weights"] = str((cwd / Path(method["weights"]).expanduser()).resolve())
+
+
+def resolve_storage(storage: str | None, cwd: Path) -> str:
+    """An absolute local folder, or a URI such as ``s3://bucket/prefix`` unchanged."""
+    if storage and "://" in storage and not storage.startswith("file://"):
+        return storage
+    local = (storage or DEFAULT_STORAGE).removeprefix("file://")
+    return str((cwd / Path(local).expanduser()).resolve())
+
+
+def _resolve_tracking_uri(uri: str | None, cwd: Path, source: str) -> str:
+    from s2study.study.tracking import normalize_tracking_uri
+
+    try:
+        return normalize_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or None, cwd)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: tracking.uri: {exc}") from None
+
+
+def _check_corners(space: tuple[ParamSpec, ...], base: dict[str, Any], source: str) -> None:
+    """Every corner of the space builds a valid TrainConfig (method parameters included)."""
+    base_flat = flatten(base)
+    for values in corner_cases(space, base_flat):
+        combo = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        train_config_from_dict(overlay(base, values), source=f"{source}: space (at {combo})")
+
+
+def _check_sampler(cfg: StudyConfig, space: tuple[ParamSpec, ...], source: str) -> None:
+    name = cfg.sampler.name
+    if name == "grid":
+        grid_values(space, source)
+        if cfg.trials > grid_size(space):
+            raise ConfigError(f"{source}: trials: {cfg.trials} is more than the {grid_size(space)} "
+                              "combinations of the grid; each combination runs once")
+    if name == "bruteforce":
+        for s in space:
+            if s.kind == "float" and s.step is None:
+                raise ConfigError(f"{source}: space.{s.key}: sampler 'bruteforce' needs a step on float ranges")
+    if name == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        raise EnvironmentProblem("sampler 'cmaes' needs the cmaes package: pip install cmaes")
+    if name == "gp" and importlib.util.find_spec("scipy") is None:
+        raise EnvironmentProblem("sampler 'gp' needs scipy: pip install scipy")
+    if name != "grid" and not any(s.sampled for s in space):
+        raise ConfigError(f"{source}: space: nothing is sampled; add at least one float, int or categorical spec")
+
+
+def local_node_resources() -> list[dict[str, float]]:
+    """This machine as a one-node cluster: ``[{"CPU": cores, "GPU": CUDA devices}]``."""
+    import torch
+
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
+def check_resources(cfg: StudyConfig, nodes: list[dict[str, float]], where: str = "this machine") -> None:
+    """At least one node can hold one trial (Ray never splits a trial's request across nodes).
+
+    Args:
+        nodes: per-node totals such as ``{"CPU": 16, "GPU": 1}`` (``ray.nodes()`` resources,
+            or :func:`local_node_resources`).
+
+    Raises:
+        ConfigError: naming ``resources`` and what the largest node offers.
+    """
+    need = {"CPU": cfg.resources.cpu, "GPU": cfg.resources.gpu}
+    if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+        return
+    offer = ", ".join(f"{{cpu: {n.get('CPU', 0):g}, gpu: {n.get('GPU', 0):g}}}" for n in nodes) or "none"
+    raise ConfigError(
+        f"{cfg.source}: resources: {{cpu: {cfg.resources.cpu:g}, gpu: {cfg.resources.gpu:g}}} per trial "
+        f"cannot be met; no node of {where} offers that (nodes: {offer}); lower resources or use "
+        "--address to run on a cluster"
+    )

@@ -1,0 +1,529 @@
+"""Run a study: Ray Tune (OptunaSearch + ASHA) over the S2 trainer, tracked in MLflow.
+
+:func:`run_study` checks everything that can fail cheaply first (resources, data, the
+tracking store, an existing study in the storage folder), creates the MLflow experiment and
+the study's parent run on the driver, starts or joins Ray, then builds (or restores) the
+``Tuner``::
+
+    Tuner(with_resources(with_parameters(run_trial, settings), {cpu, gpu}),
+          TuneConfig(metric, mode, search_alg=OptunaSearch(define-by-run space, metric, mode,
+                     sampler), scheduler=ASHAScheduler(training_iteration, max_t, grace,
+                     reduction), num_samples, max_concurrent_trials, reuse_actors=True),
+          RunConfig(name, storage_path, CheckpointConfig(num_to_keep=2, scored by metric),
+                    FailureConfig(max_failures), callbacks=[StudyProgress]))
+
+After ``fit`` the ``evaluate.top_n`` best trials are evaluated (a Ray task with the trial
+resources, so on a GPU node of a cluster) and logged into their runs; the parent run gets the
+study file, the resolved space, the ranked trial table and the best trial. The parent run id
+is kept in ``<storage>/<name>/s2study_study.json`` so ``--resume`` continues the same run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from ray import tune
+
+from s2study.config.load import build_dataclass, config_to_dict, flatten
+from s2study.config.schema import DataConfig
+from s2study.errors import ConfigError, DataError
+from s2study.study import tracking
+from s2study.study.config import StudyConfig, check_resources, local_node_resources
+from s2study.study.space import DefineByRun, corner_cases, grid_values, overlay
+from s2study.study.trainable import CHECKPOINT_FILE, TrialSettings, run_trial, trial_config
+
+STATE_FILE = "s2study_study.json"
+Echo = Callable[[str], None]
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
+
+
+@dataclass
+class TrialSummary:
+    """One trial after the study, as ranked in the summary table."""
+
+    trial_id: str
+    name: str
+    status: str  # finished | stopped_early | failed | incomplete
+    epochs: int
+    best: float | None
+    last: float | None
+    sampled: dict[str, Any]
+    run_id: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class StudyOutcome:
+    """What :func:`run_study` returns."""
+
+    name: str
+    experiment_path: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    trials: list[TrialSummary] = field(default_factory=list)
+    evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def preflight_data(cfg: StudyConfig) -> None:
+    """Every dataset split the trials and the evaluation use exists here (and the weights).
+
+    Checked on the driver for local runs, for every dataset the space can produce.
+
+    Raises:
+        DataError: naming the dataset, split and path.
+    """
+    from s2study.data.datasets import open_dataset
+    from s2study.paths import shared_weights_dir
+
+    seen: set[str] = set()
+    for values in corner_cases(cfg.space, cfg.base_flat):
+        train = overlay(cfg.base, values)
+        data = build_dataclass(DataConfig, train["data"], cfg.source, prefix="base.data.")
+        key = json.dumps(config_to_dict(data), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            splits = {data.train_split, data.val_split}
+            if cfg.evaluate.top_n:
+                splits.add(data.test_split if cfg.evaluate.split == "test" else data.val_split)
+            for split in sorted(splits):
+                open_dataset(data, split)
+        if train["method"].get("weights") == "official":
+            path = shared_weights_dir() / "r2d2_WASF_N16.pt"
+            if not path.is_file():
+                raise DataError(f"method.weights: official: {path} is missing")
+
+
+def _cluster_checks(cfg: StudyConfig) -> None:
+    import ray
+
+    from s2study.cluster import alive_node_count, check_storage_for_cluster, check_tracking_for_cluster
+
+    n = alive_node_count()
+    check_storage_for_cluster(cfg.storage, n)
+    check_tracking_for_cluster(cfg.tracking.uri, n)
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    check_resources(cfg, nodes, where="the Ray cluster")
+
+
+# --------------------------------------------------------------------------- storage state
+
+
+def experiment_path(cfg: StudyConfig) -> str:
+    """``<storage>/<name>``: Tune's experiment folder (local path or URI)."""
+    return f"{cfg.storage.rstrip('/')}/{cfg.name}"
+
+
+def _fs_and_dir(cfg: StudyConfig, storage_filesystem: Any | None) -> tuple[Any, str]:
+    import pyarrow.fs as pafs
+
+    if storage_filesystem is not None:
+        return storage_filesystem, f"{cfg.storage.rstrip('/')}/{cfg.name}"
+    if "://" in cfg.storage:
+        fs, path = pafs.FileSystem.from_uri(cfg.storage)
+        return fs, f"{path.rstrip('/')}/{cfg.name}"
+    return pafs.LocalFileSystem(), experiment_path(cfg)
+
+
+def _read_state(fs: Any, folder: str) -> dict[str, Any] | None:
+    try:
+        with fs.open_input_stream(f"{folder}/{STATE_FILE}") as f:
+            return json.loads(f.read().decode())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _write_state(fs: Any, folder: str, state: dict[str, Any]) -> None:
+    fs.create_dir(folder, recursive=True)
+    with fs.open_output_stream(f"{folder}/{STATE_FILE}") as f:
+        f.write(json.dumps(state, indent=1).encode())
+
+
+# --------------------------------------------------------------------------- Tune pieces
+
+
+def build_sampler(cfg: StudyConfig):
+    """The Optuna sampler named by ``cfg.sampler`` (seeded)."""
+    import warnings
+
+    import optuna
+
+    s = cfg.sampler
+    n_startup = s.n_startup_trials if s.n_startup_trials is not None else max(1, cfg.trials // 4)
+    conditional = any(spec.when for spec in cfg.space)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if s.name == "tpe":
+            return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=n_startup, multivariate=True,
+                                              group=conditional)
+        if s.name == "random":
+            return optuna.samplers.RandomSampler(seed=s.seed)
+        if s.name == "gp":
+            return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=n_startup)
+        if s.name == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=n_startup)
+        if s.name == "grid":
+            return optuna.samplers.GridSampler(grid_values(cfg.space, cfg.source), seed=s.seed)
+        return optuna.samplers.BruteForceSampler(seed=s.seed)
+
+
+class StudyProgress(tune.Callback):
+    """One line per trial event: trials running / stopped early / done, best metric so far."""
+
+    def __init__(self, metric: str, mode: str, max_epochs: int, total: int) -> None:
+        self.metric, self.mode, self.max_epochs, self.total = metric, mode, max_epochs, total
+        self.best: float | None = None
+        self.best_trial = ""
+        self.t0 = time.time()
+
+    def _counts(self, trials: list) -> str:
+        running = sum(t.status == "RUNNING" for t in trials)
+        failed = sum(t.status == "ERROR" for t in trials)
+        ended = [t for t in trials if t.status == "TERMINATED"]
+        early = sum(t.last_result.get("training_iteration", 0) < self.max_epochs for t in ended)
+        return (f"running {running}, stopped early {early}, done {len(ended) - early}, failed {failed} "
+                f"of {self.total}")
+
+    def _line(self, text: str, trials: list) -> None:
+        best = f"best {self.metric} {self.best:.2f} ({self.best_trial})" if self.best is not None else "no result yet"
+        print(f"[{time.time() - self.t0:6.0f}s] {text} | {best} | {self._counts(trials)}", flush=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value) and (
+                self.best is None or (value > self.best if self.mode == "max" else value < self.best)):
+            self.best, self.best_trial = float(value), trial.trial_id
+        shown = f"{value:.2f}" if isinstance(value, (int, float)) else "n/a"
+        self._line(f"{trial.trial_id} epoch {result.get('training_iteration')}/{self.max_epochs} "
+                   f"{self.metric} {shown}", trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        epochs = trial.last_result.get("training_iteration", 0)
+        how = "finished" if epochs >= self.max_epochs else f"stopped early by ASHA after {epochs} epochs"
+        self._line(f"{trial.trial_id} {how}", trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(f"{trial.trial_id} FAILED (see {trial.path})", trials)
+
+
+def build_tuner(cfg: StudyConfig, trainable: Any, storage_filesystem: Any | None = None):
+    """The Tuner of a new study (see the module docstring)."""
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(DefineByRun(cfg.space, cfg.base_flat), metric=cfg.metric, mode=cfg.mode,
+                            sampler=build_sampler(cfg))
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_epochs,
+                               grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
+                 if cfg.asha.enabled else FIFOScheduler())
+    return Tuner(
+        trainable,
+        tune_config=TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=searcher, scheduler=scheduler,
+                               num_samples=cfg.trials, max_concurrent_trials=cfg.max_concurrent,
+                               reuse_actors=True),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=cfg.metric,
+                                               checkpoint_score_order=cfg.mode),
+            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+            callbacks=[StudyProgress(cfg.metric, cfg.mode, cfg.max_epochs, cfg.trials)],
+            verbose=0,
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def study_params(cfg: StudyConfig) -> dict[str, Any]:
+    """Parent-run params: the study settings and the fixed base values (``base.*``)."""
+    settings = {
+        "trials": cfg.trials, "max_concurrent": cfg.max_concurrent, "metric": cfg.metric, "mode": cfg.mode,
+        "resources": config_to_dict(cfg.resources), "asha": config_to_dict(cfg.asha),
+        "sampler": config_to_dict(cfg.sampler), "evaluate": config_to_dict(cfg.evaluate),
+        "max_failures": cfg.failure.max_failures, "storage": cfg.storage,
+    }
+    return {**{f"study.{k}": v for k, v in flatten(settings).items()},
+            **{f"base.{k}": v for k, v in cfg.base_flat.items()}}
+
+
+def resolved_study(cfg: StudyConfig) -> dict[str, Any]:
+    """The study as run: base, space and settings with every default filled in."""
+    out = {k: config_to_dict(v) if hasattr(v, "__dataclass_fields__") else v
+           for k, v in vars(cfg).items() if k not in ("space", "source")}
+    out["space"] = {s.key: s.describe() for s in cfg.space}
+    return out
+
+
+def run_study(
+    cfg: StudyConfig,
+    *,
+    address: str | None = None,
+    resume: bool = False,
+    storage_filesystem: Any | None = None,
+    study_text: str | None = None,
+    echo: Echo = _echo,
+) -> StudyOutcome:
+    """Run (or resume) a study end to end.
+
+    Args:
+        cfg: a validated study.
+        address: a Ray cluster (``auto``, ``ray://host:10001``); None starts a local instance.
+        resume: continue the study stored at ``<storage>/<name>`` (``Tuner.restore``).
+        storage_filesystem: a pyarrow filesystem for ``cfg.storage`` (tests, custom stores).
+        study_text: the study file's text, logged on the parent run.
+        echo: where progress lines go.
+
+    Returns:
+        A :class:`StudyOutcome` (trials ranked by their best metric).
+
+    Raises:
+        ConfigError / DataError / EnvironmentProblem: before anything starts.
+    """
+    import ray
+    from ray.tune import Tuner
+
+    uri = cfg.tracking.uri
+    if address is None:
+        check_resources(cfg, local_node_resources())
+        preflight_data(cfg)
+    tracking.check_tracking_reachable(uri)
+    exp_path = experiment_path(cfg)
+    fs, folder = _fs_and_dir(cfg, storage_filesystem)
+    restorable = Tuner.can_restore(exp_path, storage_filesystem=storage_filesystem)
+    if restorable and not resume:
+        raise ConfigError(f"{cfg.source}: name: {exp_path} already holds study {cfg.name!r}; add --resume to "
+                          "continue it, or pick another --storage or name")
+    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    state = _read_state(fs, folder)
+    if resume and state and state.get("tracking_uri") == uri:
+        parent = state["parent_run_id"]
+        tracking.reopen_run(uri, parent)
+        echo(f"resuming study {cfg.name} (MLflow run {parent})")
+    else:
+        if state and state.get("tracking_uri") == uri:
+            tracking.close_running_children(uri, experiment_id, state["parent_run_id"], "killed", "superseded")
+        parent = tracking.start_study_run(uri, experiment_id, cfg.name, study_params(cfg), tags={
+            "s2study.space_keys": ",".join(s.key for s in cfg.space if s.sampled),
+            "s2study.metric": cfg.metric, "s2study.mode": cfg.mode, "s2study.storage": exp_path})
+        _write_state(fs, folder, {"parent_run_id": parent, "tracking_uri": uri, "experiment_id": experiment_id})
+    tracking.log_text(uri, parent, yaml.safe_dump(resolved_study(cfg), sort_keys=False), "study/resolved.yaml")
+    if study_text is not None:
+        tracking.log_text(uri, parent, study_text, "study/study.yaml")
+    outcome = StudyOutcome(cfg.name, exp_path, uri, experiment_id, parent)
+
+    started = not ray.is_initialized()
+    if started and address:
+        ray.init(address=address)
+    elif started:
+        ray.init(include_dashboard=False)
+    try:
+        if address:
+            _cluster_checks(cfg)
+        settings = TrialSettings(cfg.base, uri, experiment_id, parent, cfg.metric, cfg.mode, cfg.resources.gpu)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
+                                        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+        if resume and restorable:
+            tuner = Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=storage_filesystem)
+        else:
+            tuner = build_tuner(cfg, trainable, storage_filesystem)
+        echo(f"study {cfg.name}: {cfg.trials} trials, storage {exp_path}, MLflow {uri} "
+             f"(experiment {cfg.tracking.experiment}, run {parent})")
+        grid = tuner.fit()
+        outcome.trials = summarize(cfg, grid, uri, experiment_id, parent)
+        outcome.interrupted = (len(grid) < cfg.trials or grid.num_terminated + grid.num_errors < len(grid)
+                               or any(t.status == "incomplete" for t in outcome.trials))
+        if outcome.interrupted:
+            _end(uri, experiment_id, parent, "killed", "study interrupted; continue with s2study run --resume")
+            echo(f"study interrupted; continue it with: s2study run {cfg.source} --resume")
+            return outcome
+        outcome.evaluated = evaluate_best(cfg, grid, outcome.trials, uri, echo)
+        log_study_summary(cfg, outcome)
+        _end(uri, experiment_id, parent, "finished")
+        echo(summary_text(cfg, outcome))
+        return outcome
+    except KeyboardInterrupt:
+        _end(uri, experiment_id, parent, "killed", "interrupted (KeyboardInterrupt)")
+        raise
+    except BaseException as exc:
+        _end(uri, experiment_id, parent, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _end(uri: str, experiment_id: str, parent: str, status: str, reason: str | None = None) -> None:
+    """End the parent run and any trial run left RUNNING (no run stays RUNNING)."""
+    child_status = "killed" if status != "failed" else "failed"
+    tracking.close_running_children(uri, experiment_id, parent, child_status, reason or "study ended")
+    tracking.finish_run(uri, parent, status, reason)
+
+
+def summarize(cfg: StudyConfig, grid: Any, uri: str, experiment_id: str, parent: str) -> list[TrialSummary]:
+    """Trials ranked by their best metric value (never-reported trials last)."""
+    runs = {r.data.tags.get(tracking.TAG_TRIAL): r for r in tracking.child_runs(uri, experiment_id, parent)}
+    out = []
+    for result in grid:
+        trial_id = result.metrics.get("trial_id", "?")
+        df = result.metrics_dataframe
+        values = [] if df is None or cfg.metric not in df else [v for v in df[cfg.metric].tolist() if math.isfinite(v)]
+        epochs = int(result.metrics.get("training_iteration") or 0)
+        run = runs.get(trial_id)
+        tag = run.data.tags.get(tracking.TAG_STATUS) if run is not None else None
+        if result.error is not None:
+            status = "failed"
+        else:
+            status = tag if tag in ("finished", "stopped_early", "failed") else "incomplete"
+        best = (max(values) if cfg.mode == "max" else min(values)) if values else None
+        out.append(TrialSummary(
+            trial_id=trial_id, name=run.info.run_name if run else trial_id, status=status, epochs=epochs,
+            best=best, last=values[-1] if values else None,
+            sampled={k: v for k, v in result.config.items()}, run_id=run.info.run_id if run else None,
+            error=str(result.error).splitlines()[0][:300] if result.error else None,
+        ))
+    sign = -1 if cfg.mode == "max" else 1
+    return sorted(out, key=lambda t: (t.best is None, sign * (t.best or 0.0)))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int, ...], uri: str) -> dict[str, Any]:
+    """Ray task: evaluate a trial checkpoint and log it into the trial's MLflow run."""
+    import tempfile
+
+    import torch
+
+    from s2study.checkpoint import load_checkpoint
+    from s2study.evaluate import evaluate_checkpoint, format_table, write_outputs
+    from s2study.metrics import metric_name
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory(prefix="s2study-eval-") as tmp, checkpoint.as_directory() as d:
+        path = Path(d) / CHECKPOINT_FILE
+        run_id = (load_checkpoint(path).get("extra") or {}).get("mlflow_run_id")
+        result = evaluate_checkpoint(path, data, "test" if split == "test" else "val", ks=ks, device=device)
+        files = write_outputs(result, Path(tmp))
+        method = result.methods[0]
+        headline = {}
+        for k in result.ks:
+            m = result.means[method][k]
+            headline.update({
+                f"eval/{metric_name('nc', k)}": m.nc,
+                f"eval/{metric_name('ncm', k, m.threshold)}": m.ncm,
+                f"eval/{metric_name('cmr', k, m.threshold)}": m.cmr,
+                f"eval/{metric_name('rep', k, m.threshold)}": m.repeatability,
+            })
+        if run_id:
+            tracking.log_metrics(uri, run_id, headline)
+            for k in result.ks:
+                m = result.means[method][k]
+                steps = [int(round(t)) for t in m.thresholds]
+                tracking.log_curve(uri, run_id, f"eval/cmr_curve_k{k}", steps, list(m.cmr_curve))
+                tracking.log_curve(uri, run_id, f"eval/ncm_curve_k{k}", steps, list(m.ncm_curve))
+            for name in ("json", "csv"):
+                tracking.log_artifact(uri, run_id, files[name], "eval")
+            for name in ("cmr_curve", "ncm_curve"):
+                tracking.log_artifact(uri, run_id, files[name], "plots")
+            tracking.set_tags(uri, run_id, {"s2study.eval_split": f"{data.dataset}/{split}",
+                                            "s2study.eval_pairs": len(result.pair_ids)})
+        return {"run_id": run_id, "metrics": headline, "table": format_table(result)}
+
+
+def evaluate_best(cfg: StudyConfig, grid: Any, ranked: list[TrialSummary], uri: str, echo: Echo) -> dict[str, dict]:
+    """Evaluate the ``top_n`` best trials at ``evaluate.ks`` on ``evaluate.split``.
+
+    Returns:
+        trial id -> headline metrics (``eval/ncm@3px_k1024`` ...). A failed evaluation is
+        reported and skipped; it does not fail the study.
+    """
+    import ray
+
+    if not cfg.evaluate.top_n:
+        return {}
+    by_id = {r.metrics.get("trial_id"): r for r in grid}
+    task = ray.remote(_evaluate_trial).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu,
+                                               max_retries=0)
+    pending = {}
+    for t in [t for t in ranked if t.best is not None][: cfg.evaluate.top_n]:
+        result = by_id[t.trial_id]
+        ckpt = result.get_best_checkpoint(cfg.metric, cfg.mode) or result.checkpoint
+        if ckpt is None:
+            continue
+        data = trial_config(cfg.base, t.sampled, t.name).data
+        pending[t.trial_id] = task.remote(ckpt, data, cfg.evaluate.split, cfg.evaluate.ks, uri)
+    out = {}
+    for trial_id, ref in pending.items():
+        try:
+            res = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - one failed evaluation must not lose the study
+            echo(f"evaluation of {trial_id} failed: {str(exc).strip().splitlines()[-1][:300]}")
+            continue
+        out[trial_id] = res["metrics"]
+        echo(f"evaluation of {trial_id} ({cfg.evaluate.split} split):\n{res['table']}")
+    return out
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def trials_csv(cfg: StudyConfig, trials: list[TrialSummary]) -> str:
+    """The ranked trial table as CSV (rank, trial, status, epochs, best, last, sampled values)."""
+    keys = [s.key for s in cfg.space if s.sampled]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["rank", "trial_id", "name", "status", "epochs", f"best_{cfg.metric}", f"last_{cfg.metric}",
+                *keys, "mlflow_run_id", "error"])
+    for i, t in enumerate(trials, 1):
+        w.writerow([i, t.trial_id, t.name, t.status, t.epochs, t.best, t.last,
+                    *(t.sampled.get(k, "") for k in keys), t.run_id or "", t.error or ""])
+    return buf.getvalue()
+
+
+def log_study_summary(cfg: StudyConfig, outcome: StudyOutcome) -> None:
+    """Parent run: ranked trial table, best trial (id, config, value), space."""
+    uri, parent = outcome.tracking_uri, outcome.parent_run_id
+    tracking.log_text(uri, parent, trials_csv(cfg, outcome.trials), "study/trials.csv")
+    tracking.log_text(uri, parent, yaml.safe_dump({s.key: s.describe() for s in cfg.space}, sort_keys=False),
+                      "study/space.yaml")
+    best = next((t for t in outcome.trials if t.best is not None), None)
+    if best is None:
+        return
+    info = {"trial_id": best.trial_id, "name": best.name, "mlflow_run_id": best.run_id,
+            cfg.metric: best.best, "epochs": best.epochs, "sampled": best.sampled,
+            "evaluation": outcome.evaluated.get(best.trial_id, {}),
+            "config": config_to_dict(trial_config(cfg.base, best.sampled, best.name))}
+    tracking.log_text(uri, parent, json.dumps(info, indent=1, default=str), "study/best_trial.json")
+    tracking.set_tags(uri, parent, {"s2study.best_trial_id": best.trial_id, "s2study.best_run_id": best.run_id or ""})
+    counts = {s: sum(t.status == s for t in outcome.trials) for s in ("finished", "stopped_early", "failed")}
+    tracking.log_metrics(uri, parent, {f"best_{cfg.metric}": best.best, **{f"trials_{k}": v for k, v in counts.items()},
+                                       **outcome.evaluated.get(best.trial_id, {})})
+
+
+def summary_text(cfg: StudyConfig, outcome: StudyOutcome) -> str:
+    """The final table printed after a study."""
+    from s2study.report import format_trials
+
+    rows = [{"trial": t.name, "status": t.status, "epochs": t.epochs, "best": t.best,
+             **{k: t.sampled.get(k) for k in (s.key for s in cfg.space if s.sampled)}} for t in outcome.trials]
+    return (f"\nstudy {cfg.name}: {len(outcome.trials)} trials; MLflow {outcome.tracking_uri} "
+            f"(parent run {outcome.parent_run_id})\n" + format_trials(rows, cfg.metric))

@@ -1,0 +1,404 @@
+"""R2D2: official checkpoint loading, network outputs, loss terms and extraction.
+
+Real data: RoadScene pairs from ``../shared/data`` and the official checkpoint from
+``../shared/weights`` (tests needing it are skipped, with the path tried, when it is absent).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from s2study.errors import CheckpointError, ConfigError
+from s2study.geometry import flow_from_homography, identity_flow
+from s2study.methods import METHODS
+from s2study.methods.r2d2 import (
+    R2D2,
+    cosim_loss,
+    is_official_checkpoint,
+    neighbourhood_offsets,
+    official_checkpoint_params,
+    peaky_loss,
+    pyramid_sizes,
+    quantized_ap,
+    sample_positions,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_ID, VAL_ID = "FLIR_00006", "FLIR_00548"
+
+
+@pytest.fixture(scope="module")
+def official_path() -> Path:
+    root = Path(os.environ.get("S2STUDY_WEIGHTS") or REPO.parent / "shared" / "weights")
+    path = root / "r2d2_WASF_N16.pt"
+    if not path.is_file():
+        pytest.skip(f"official R2D2 checkpoint absent: {path} (set S2STUDY_WEIGHTS)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def official_net(official_path) -> R2D2:
+    return R2D2.from_official_checkpoint(official_path).eval()
+
+
+def read_rgb(roadscene: Path, folder: str, pair_id: str) -> np.ndarray:
+    image = cv2.imread(str(roadscene / folder / f"{pair_id}.jpg"), cv2.IMREAD_COLOR)
+    assert image is not None, f"cannot read {roadscene / folder / pair_id}.jpg"
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+
+
+def rotation_homography(size: int, degrees: float, scale: float, shift=(0.0, 0.0)) -> np.ndarray:
+    """Rotation + scale about the crop centre, then a shift (maps A's pixels onto B's)."""
+    c = (size - 1) / 2
+    a = math.radians(degrees)
+    rot = scale * np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    h = np.eye(3)
+    h[:2, :2] = rot
+    h[:2, 2] = np.array([c, c]) - rot @ np.array([c, c]) + np.asarray(shift)
+    return h
+
+
+def homography_pair(roadscene: Path, pair_id: str, x0: int, y0: int, size: int, h: np.ndarray):
+    """A = visible crop, B = the infrared crop warped by ``h``; flow and valid from ``h``."""
+    vis = read_rgb(roadscene, "crop_LR_visible", pair_id)[y0 : y0 + size, x0 : x0 + size]
+    ir = read_rgb(roadscene, "cropinfrared", pair_id)[y0 : y0 + size, x0 : x0 + size]
+    warped = cv2.warpPerspective(ir, h, (size, size), flags=cv2.INTER_LINEAR)
+    flow, valid = flow_from_homography(torch.from_numpy(h).float(), (size, size), (size, size))
+    return to_tensor(vis), to_tensor(warped), flow[None], valid[None]
+
+
+def mutual_nn_correct(kp_a, kp_b, threshold: float = 3.0) -> int:
+    """Mutual nearest neighbours of the descriptors within ``threshold`` px (identity GT)."""
+    sim = kp_a.descriptors @ kp_b.descriptors.t()
+    ab, ba = sim.argmax(1), sim.argmax(0)
+    mutual = ba[ab] == torch.arange(len(kp_a))
+    err = (kp_a.xy[mutual] - kp_b.xy[ab[mutual]]).norm(dim=1)
+    return int((err <= threshold).sum())
+
+
+# ------------------------------------------------------------------ registration and params
+
+
+def test_registered_with_the_paper_crop():
+    assert METHODS.get("r2d2") is R2D2
+    assert R2D2.name == "r2d2" and R2D2.default_crop == 192
+
+
+@pytest.mark.parametrize("bad", [{"pos_d": 5}, {"ap_nq": 1}, {"patch_size": 15}, {"subq": 0}, {"ap_base": 1.0}])
+def test_invalid_params_are_config_errors(bad):
+    key = next(iter(bad))
+    with pytest.raises(ConfigError, match=f"r2d2.{key}|r2d2.neg_d"):
+        R2D2(**bad)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def test_official_checkpoint_loads_strictly(official_path):
+    raw = torch.load(official_path, map_location="cpu", weights_only=True)
+    assert is_official_checkpoint(raw)
+    net = R2D2()
+    net.load_pretrained(official_path)
+    state = net.state_dict()
+    assert set(state) == {k.removeprefix("module.") for k in raw["state_dict"]}
+    for key, value in raw["state_dict"].items():
+        assert torch.equal(state[key.removeprefix("module.")], value), key
+
+
+@pytest.mark.parametrize(
+    "net_string",
+    [
+        "Fast_Quad_L2Net_ConfCFS()",
+        "__import__('os').system('echo pwned')",
+        "Quad_L2Net_ConfCFS(dim=__import__('os'))",
+        "Quad_L2Net_ConfCFS(bn_affine=True)",
+        "Quad_L2Net_ConfCFS(128)",
+        "Quad_L2Net_ConfCFS(dim=1.5)",
+        "Quad_L2Net_ConfCFS()\nimport os",
+    ],
+)
+def test_non_whitelisted_architecture_strings_are_refused(net_string):
+    with pytest.raises(CheckpointError, match="demo.pt"):
+        official_checkpoint_params(net_string, source="demo.pt")
+
+
+def test_whitelisted_architecture_strings_parse():
+    assert official_checkpoint_params("Quad_L2Net_ConfCFS()") == {"dim": 128, "mchan": 4, "relu22": False}
+    parsed = official_checkpoint_params(" Quad_L2Net_ConfCFS( dim = 64, relu22=True ) ")
+    assert parsed == {"dim": 64, "mchan": 4, "relu22": True}
+    assert R2D2(**parsed).clf.in_channels == 64
+
+
+def _official_file(path: Path, net: str, state: dict) -> Path:
+    torch.save({"net": net, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    return path
+
+
+def test_bad_official_files_raise_checkpoint_errors_naming_the_file(tmp_path):
+    torch.manual_seed(0)
+    state = R2D2().state_dict()
+    good = _official_file(tmp_path / "good.pt", "Quad_L2Net_ConfCFS()", state)
+    net = R2D2()
+    net.load_pretrained(good)  # positive control: the same layout loads
+    assert torch.equal(net.ops[0].weight, state["ops.0.weight"])
+
+    renamed = dict(state)
+    renamed["ops.99.weight"] = renamed.pop("ops.3.weight")
+    bad = _official_file(tmp_path / "renamed.pt", "Quad_L2Net_ConfCFS()", renamed)
+    with pytest.raises(CheckpointError, match=r"renamed\.pt.*missing keys: ops\.3\.weight.*unexpected keys: ops\.99\.weight"):
+        R2D2().load_pretrained(bad)
+
+    reshaped = {**state, "clf.weight": torch.zeros(3, 128, 1, 1)}
+    bad = _official_file(tmp_path / "reshaped.pt", "Quad_L2Net_ConfCFS()", reshaped)
+    with pytest.raises(CheckpointError, match=r"reshaped\.pt.*wrong shapes: clf\.weight"):
+        R2D2().load_pretrained(bad)
+
+    bad = _official_file(tmp_path / "arch.pt", "Fast_Quad_L2Net_ConfCFS()", state)
+    with pytest.raises(CheckpointError, match=r"arch\.pt.*not supported"):
+        R2D2().load_pretrained(bad)
+
+    bad = _official_file(tmp_path / "dim.pt", "Quad_L2Net_ConfCFS(dim=64)", R2D2(dim=64).state_dict())
+    with pytest.raises(CheckpointError, match=r"dim\.pt.*differs"):
+        R2D2().load_pretrained(bad)
+    assert R2D2.from_official_checkpoint(bad).params["dim"] == 64
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"junk\.pt"):
+        R2D2().load_pretrained(junk)
+    with pytest.raises(CheckpointError, match=r"absent\.pt.*no such"):
+        R2D2().load_pretrained(tmp_path / "absent.pt")
+
+
+def test_is_official_checkpoint():
+    assert is_official_checkpoint({"net": "Quad_L2Net_ConfCFS()", "state_dict": {}})
+    assert not is_official_checkpoint({"format": "s2study-checkpoint", "net": "x", "state_dict": {}})
+    assert not is_official_checkpoint({"state_dict": {}})
+    assert not is_official_checkpoint([1, 2])
+
+
+# ------------------------------------------------------------------ network
+
+
+def test_forward_shapes_and_normalisation():
+    torch.manual_seed(0)
+    net = R2D2()
+    out = net(torch.rand(2, 3, 40, 56))
+    assert out.descriptors.shape == (2, 128, 40, 56) and out.stride == 1
+    assert torch.allclose(out.descriptors.norm(dim=1), torch.ones(2, 40, 56), atol=1e-5)
+    rep, rel = out.extras["repeatability"], out.extras["reliability"]
+    assert rep.shape == rel.shape == out.scores.shape == (2, 1, 40, 56)
+    assert ((rep > 0) & (rep < 1) & (rel > 0) & (rel < 1)).all()
+    assert torch.allclose(out.scores, rep * rel)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        net(torch.rand(2, 1, 40, 56))
+
+
+def test_eval_mode_folds_batch_norm_without_changing_outputs(official_net):
+    x = torch.rand(1, 3, 48, 40)
+    folded = official_net(x)
+    official_net._stages, stages = [(c, None, r) for c, _, r in official_net._stages], official_net._stages
+    try:
+        # the reference: run the ops list as the official net does (conv, BN, ReLU modules)
+        feats = (x - official_net._mean) / official_net._std
+        for op in official_net.ops:
+            feats = op(feats)
+    finally:
+        official_net._stages = stages
+    assert torch.allclose(folded.descriptors, torch.nn.functional.normalize(feats, dim=1), atol=1e-4)
+
+
+# ------------------------------------------------------------------ loss pieces (known answers)
+
+
+def test_neighbourhood_offsets_known_counts():
+    pos, neg = neighbourhood_offsets(ngh=7, subd=1, pos_d=3, neg_d=5)
+    assert len(pos) == 29 and len(neg) == 80  # lattice points with |o| <= 3; 5 <= |o| <= 7
+    assert (pos**2).sum(1).max() <= 9 and ((neg**2).sum(1) >= 25).all()
+    assert [0, 0] in pos.tolist()
+
+
+def _dense_ap(pos: torch.Tensor, neg: torch.Tensor, nq: int) -> torch.Tensor:
+    """Reference AP with the full (N, nq, M) triangular quantisation (no scatter)."""
+    centres = torch.arange(nq, dtype=torch.float64)
+
+    def bins(x):
+        t = ((1 - x) * (nq - 1)).clamp(0, nq - 1)
+        return (1 - (t[:, None, :] - centres[None, :, None]).abs()).clamp_min(0).sum(-1)
+
+    rec, counts = bins(pos), bins(pos) + bins(neg)
+    prec = rec.cumsum(1) / counts.cumsum(1).clamp_min(1e-16)
+    return (prec * rec / rec.sum(1, keepdim=True)).sum(1)
+
+
+def test_quantized_ap_known_answers_and_dense_reference():
+    nq = 20
+    centre = 1 - 9 / 19  # a bin centre: no spill into neighbours
+    pos = torch.tensor([[1.0], [0.0], [centre]])
+    neg = torch.tensor([[0.0, 0.0, -0.5], [1.0, 1.0, 1.0], [1.0, 0.95, -1.0]])
+    ap = quantized_ap(pos, neg, None, nq)
+    assert torch.allclose(ap, torch.tensor([1.0, 1 / 4, 1 / 3]), atol=1e-6)
+    # a zero weight removes a negative: the last query then has one above instead of two
+    weights = torch.tensor([[1.0, 1.0, 1.0]] * 2 + [[1.0, 0.0, 1.0]])
+    assert torch.allclose(quantized_ap(pos, neg, weights, nq)[2], torch.tensor(0.5), atol=1e-6)
+
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.rand(64, 1, generator=gen, dtype=torch.float64) * 1.4 - 0.2
+    neg = torch.rand(64, 50, generator=gen, dtype=torch.float64) * 2.4 - 1.2
+    assert torch.allclose(quantized_ap(pos, neg, None, nq).double(), _dense_ap(pos, neg, nq), atol=1e-6)
+
+
+def test_sample_positions_prefer_valid_pixels_inside_the_border():
+    mask = torch.zeros(2, 64, 64, dtype=torch.bool)
+    mask[0, 20:30, 40:50] = True  # 100 valid pixels: more than the 64 wanted
+    mask[1, 16:20, 16:20] = True  # 16 valid pixels: fewer
+    xy, ok = sample_positions(mask, border=16, step=-4)  # (64 - 32)**2 / 16 = 64 per image
+    assert xy.shape == (2, 64, 2)
+    assert ok[0].all() and int(ok[1].sum()) == 16
+    x, y = xy[..., 0], xy[..., 1]
+    assert ((x >= 16) & (x < 48) & (y >= 16) & (y < 48)).all()
+    assert torch.equal(mask[torch.arange(2)[:, None], y, x], ok)
+    assert len({tuple(p) for p in xy[0].tolist()}) == 64  # no repeats
+    grid, _ = sample_positions(mask, border=16, step=8)
+    assert grid.shape == (2, 16, 2) and grid[0, 1].tolist() == [24, 16]
+
+
+def test_cosim_and_peaky_ignore_pairs_without_correspondences():
+    gen = torch.Generator().manual_seed(1)
+    rep_a, rep_b = torch.rand(2, 1, 32, 32, generator=gen), torch.rand(2, 1, 32, 32, generator=gen)
+    flow, valid = identity_flow(32, 32)
+    flows, valids = flow.expand(2, -1, -1, -1), valid.expand(2, -1, -1).clone()
+    valids[1] = False
+    alone = cosim_loss(rep_a[:1], rep_b[:1], flows[:1], valids[:1])
+    assert torch.allclose(cosim_loss(rep_a, rep_b, flows, valids), alone)
+    # identical maps on a valid pair: cos = 1
+    assert cosim_loss(rep_a[:1], rep_a[:1], flows[:1], valids[:1]).abs() < 1e-5
+    flat = peaky_loss(torch.full((1, 1, 32, 32), 0.5))
+    assert torch.allclose(flat, torch.ones(1))  # no peak at all: 1 - 0
+
+
+# ------------------------------------------------------------------ loss on real pairs
+
+
+def test_loss_on_real_pair_gives_finite_nonzero_gradients_everywhere(roadscene):
+    h = rotation_homography(96, degrees=12.0, scale=1.1)
+    img_a, img_b, flow, valid = homography_pair(roadscene, TRAIN_ID, 220, 120, 96, h)
+    assert 0.5 < valid.float().mean() < 1.0  # a partially valid pair
+    torch.manual_seed(0)
+    net = R2D2().train()
+    out = net(torch.cat([img_a, img_b]))
+    parts = net.loss(out.select(slice(0, 1)), out.select(slice(1, 2)), flow, valid)
+    assert {"total", "ap", "cosim", "peaky"} <= set(parts)
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in parts.values())
+    parts["total"].backward()
+    for name, param in net.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+
+
+def test_loss_without_correspondences_is_finite_and_zero(roadscene):
+    h = rotation_homography(96, degrees=0.0, scale=1.0, shift=(500.0, 0.0))
+    img_a, img_b, flow, valid = homography_pair(roadscene, TRAIN_ID, 220, 120, 96, h)
+    assert not valid.any()
+    torch.manual_seed(0)
+    net = R2D2().train()
+    out = net(torch.cat([img_a, img_b]))
+    parts = net.loss(out.select(slice(0, 1)), out.select(slice(1, 2)), flow, valid)
+    assert all(torch.isfinite(v) and v == 0 for v in parts.values())
+    parts["total"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_official_weights_score_the_true_alignment_better(roadscene, official_net):
+    """Same crops, true flow vs a flow 12 px off: the AP and cosim losses must rise."""
+    size, crops = 96, [(180, 100), (300, 160), (60, 200)]
+    h = rotation_homography(size, degrees=8.0, scale=1.05)
+    pairs = [homography_pair(roadscene, TRAIN_ID, x, y, size, h) for x, y in crops]
+    img_a, img_b, flow, valid = (torch.cat(t) for t in zip(*pairs))
+    out = official_net(torch.cat([img_a, img_b]))
+    out_a, out_b = out.select(slice(0, 3)), out.select(slice(3, 6))
+    wrong = flow + torch.tensor([12.0, 0.0])
+    torch.manual_seed(0)
+    right_parts = official_net.loss(out_a, out_b, flow, valid)
+    torch.manual_seed(0)
+    wrong_parts = official_net.loss(out_a, out_b, wrong, valid)
+    assert right_parts["ap"] < wrong_parts["ap"] - 0.05
+    assert right_parts["cosim"] < wrong_parts["cosim"]
+    assert right_parts["total"] < wrong_parts["total"]
+
+
+# ------------------------------------------------------------------ extraction
+
+
+def test_pyramid_sizes_follow_the_official_loop():
+    steps = pyramid_sizes(329, 500)
+    assert [(h, w) for h, w, _ in steps] == [(329, 500), (277, 420), (233, 354), (196, 297)]
+    assert all(use for *_, use in steps)
+    big = pyramid_sizes(1500, 2000)
+    used = [max(h, w) for h, w, use in big if use]
+    assert used == [1000, 841, 707, 595, 500, 420, 354, 297]
+    assert all(max(h, w) > 1024 for h, w, use in big if not use)
+    assert pyramid_sizes(100, 150) == [(100, 150, True)]
+
+
+def test_extract_single_scale_is_the_official_nms(roadscene, official_net):
+    image = to_tensor(read_rgb(roadscene, "crop_LR_visible", TRAIN_ID)[100:260, 150:350])
+    k = 200
+    kp = official_net.extract(image, k)
+    assert 0 < len(kp) <= k and kp.xy.dtype == torch.float32
+    assert torch.all(kp.scores[:-1] >= kp.scores[1:])
+    assert torch.allclose(kp.descriptors.norm(dim=1), torch.ones(len(kp)), atol=1e-5)
+    # every keypoint is a thresholded 3x3 maximum of the repeatability, scored rep * rel
+    with torch.no_grad():
+        out = official_net(image)
+    rep, rel = out.extras["repeatability"][0, 0], out.extras["reliability"][0, 0]
+    x, y = kp.xy[:, 0].long(), kp.xy[:, 1].long()
+    assert torch.equal(kp.xy, torch.stack([x, y], 1).float())
+    assert (x >= 0).all() and (x < 200).all() and (y >= 0).all() and (y < 160).all()
+    padded = torch.nn.functional.pad(rep, (1, 1, 1, 1), value=-1.0)
+    windows = torch.stack([padded[y + dy, x + dx] for dy in range(3) for dx in range(3)])
+    assert torch.equal(windows.max(0).values, rep[y, x])
+    assert (rep[y, x] >= 0.7).all() and (rel[y, x] >= 0.7).all()
+    assert torch.allclose(kp.scores, (rep * rel)[y, x])
+    assert torch.allclose(kp.descriptors, out.descriptors[0, :, y, x].t(), atol=1e-6)
+
+
+def test_extract_multiscale_merges_scales_in_input_pixels(roadscene, official_net):
+    image = to_tensor(read_rgb(roadscene, "crop_LR_visible", TRAIN_ID)[20:300, 50:370])
+    single = official_net.extract(image, 10_000)
+    multi = official_net.extract(image, 500, multiscale=True)
+    assert 0 < len(multi) <= 500 and torch.all(multi.scores[:-1] >= multi.scores[1:])
+    xy = multi.xy
+    assert ((xy >= -0.5) & (xy <= torch.tensor([319.5, 279.5]))).all()
+    assert torch.allclose(multi.descriptors.norm(dim=1), torch.ones(len(multi)), atol=1e-5)
+    # keypoints from the reduced scales are off the integer grid; scale 1 gives the rest
+    off_grid = (xy - xy.round()).abs().sum(1) > 1e-4
+    assert off_grid.any() and (~off_grid).any()
+    on_grid = {tuple(p) for p in single.xy.tolist()}
+    assert all(tuple(p) in on_grid for p in xy[~off_grid].tolist())
+
+
+@pytest.mark.slow
+def test_pretrained_matches_a_val_pair_far_better_than_random(roadscene, official_net):
+    vis = to_tensor(read_rgb(roadscene, "crop_LR_visible", VAL_ID))
+    ir = to_tensor(read_rgb(roadscene, "cropinfrared", VAL_ID))
+    k = 1024
+    pretrained = mutual_nn_correct(official_net.extract(vis, k), official_net.extract(ir, k))
+    torch.manual_seed(0)
+    random_net = R2D2(reliability_thr=0.0, repeatability_thr=0.0).eval()
+    kp_vis, kp_ir = random_net.extract(vis, k), random_net.extract(ir, k)
+    assert len(kp_vis) == len(kp_ir) == k  # thresholds off: the random net gets its K too
+    random = mutual_nn_correct(kp_vis, kp_ir)
+    print(f"NCM@3px K={k} on {VAL_ID}: pretrained {pretrained}, random weights {random}")
+    assert pretrained >= 20 and pretrained >= 4 * max(random, 1)

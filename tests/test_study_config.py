@@ -1,0 +1,221 @@
+"""Study files: the shipped ones validate; bad ones are refused before Ray starts.
+
+Every rejection must be a ConfigError naming the key; through the CLI it is exit code 2
+with a one-line message and no traceback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from s2study.cli import main as cli_main
+from s2study.config.load import train_config_from_dict
+from s2study.errors import ConfigError
+from s2study.study.config import check_resources, load_study, study_from_dict
+from s2study.study.space import DefineByRun, grid_values, overlay
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_shipped_study_files_validate(path, tmp_path):
+    cfg = load_study(path, cwd=tmp_path)
+    assert cfg.name and cfg.space and cfg.trials >= 1
+    assert cfg.base["epochs"] == cfg.asha.max_epochs
+    assert cfg.storage == str(tmp_path / "s2study_results")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cfg.tracking.experiment == cfg.name
+    assert cfg.metric == "val_ncm" and cfg.mode == "max"
+
+
+def test_shipped_files_are_the_expected_set():
+    assert {p.stem for p in SPACES} >= {"lambda", "augment", "backbone", "paper", "smoke"}
+
+
+def test_smoke_study_is_small_and_really_early_stops(tmp_path):
+    cfg = load_study(REPO / "search_spaces/smoke.yaml", cwd=tmp_path)
+    assert cfg.trials >= 6 and cfg.max_concurrent == 2 and cfg.resources.gpu == 0
+    assert (cfg.asha.enabled, cfg.asha.max_epochs, cfg.asha.grace_period, cfg.asha.reduction_factor) == (True, 4, 1, 2)
+    assert {s.key for s in cfg.space if s.sampled} >= {"lambda_ssl", "ssl.rotation_deg"}
+    assert cfg.base["method"]["weights"] == "official" and cfg.base["crop_size"] <= 64
+
+
+def test_paper_grid_runs_every_combination_once(tmp_path):
+    cfg = load_study(REPO / "search_spaces/paper.yaml", cwd=tmp_path)
+    grid = grid_values(cfg.space, "paper.yaml")
+    assert grid == {"lambda_ssl": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2], "method.name": ["d2net", "r2d2"],
+                    "data.dataset": ["roadscene", "rgbnir"]}
+    assert cfg.trials == 28 and not cfg.asha.enabled and cfg.evaluate.ks == (1024, 2048, 4096)
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler(grid, seed=0), direction="maximize")
+    space = DefineByRun(cfg.space, cfg.base_flat)
+    seen = set()
+
+    def objective(trial):
+        constants = space(trial)
+        seen.add(tuple(trial.params[k] for k in grid))
+        assert constants == ({"method.weights": "official", "weight_decay": 5e-4, "batch_size": 2, "crop_size": 192}
+                             if trial.params["method.name"] == "r2d2" else {})
+        return 1.0
+
+    study.optimize(objective, n_trials=cfg.trials)
+    assert len(seen) == 28
+
+
+def test_conditional_params_are_sampled_only_for_their_method(tmp_path):
+    cfg = load_study(REPO / "search_spaces/backbone.yaml", cwd=tmp_path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3), direction="maximize")
+    space = DefineByRun(cfg.space, cfg.base_flat)
+    methods = set()
+    for _ in range(24):
+        trial = study.ask()
+        constants = space(trial)
+        p = trial.params
+        methods.add(p["method.name"])
+        assert 0.0 <= p["lambda_ssl"] <= 1.2
+        if p["method.name"] == "r2d2":
+            assert {"method.params.w_peaky", "method.params.ap_base"} <= set(p) and "method.params.margin" not in p
+            assert constants["method.weights"] == "official"
+        else:
+            assert 2 <= p["method.params.safe_radius"] <= 8 and "method.params.w_peaky" not in p
+            assert constants == {}
+        cfg_train = train_config_from_dict(overlay(cfg.base, {**p, **constants}))
+        assert cfg_train.method.name == p["method.name"] and cfg_train.data.dataset == p["data.dataset"]
+        study.tell(trial, 0.0)
+    assert methods == {"r2d2", "d2net"}
+
+
+def test_tuple_elements_are_sampled_by_index(tmp_path):
+    cfg = load_study(REPO / "search_spaces/augment.yaml", cwd=tmp_path)
+    cfg_train = train_config_from_dict(overlay(cfg.base, {"ssl.scale[0]": 0.6, "ssl.scale[1]": 1.7}))
+    assert cfg_train.ssl.scale == (0.6, 1.7)
+
+
+def _study(tmp_path, **changes):
+    raw = {"name": "t", "base": {"preset": "r2d2-roadscene"},
+           "space": {"lambda_ssl": {"type": "float", "low": 0.0, "high": 1.2}},
+           "trials": 4, "asha": {"max_epochs": 3}}
+    for key, value in changes.items():
+        node = raw
+        *parents, last = key.split("/")
+        for p in parents:
+            node = node[p]
+        if value is None:
+            node.pop(last)
+        else:
+            node[last] = value
+    return study_from_dict(raw, source="bad.yaml", cwd=tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"trails": 4}, r"bad.yaml: trails: unknown key 'trails' \(did you mean 'trials'\?\)"),
+    ({"trials": "six"}, r"bad.yaml: trials: 'six' is not allowed; expected an integer"),
+    ({"trials": 0}, r"trials: must be >= 1"),
+    ({"space/lambda_ssl": {"type": "float", "low": 1.2, "high": 0.0}},
+     r"space.lambda_ssl.low/high: \[1.2, 0.0\] is an empty or inverted range"),
+    ({"space/lambda_ssl": {"type": "float", "low": 0.5, "high": 0.5}}, r"space.lambda_ssl.low/high: .*empty"),
+    ({"space/lambda_ssl": {"type": "float", "low": 0.0, "hgh": 1.0}},
+     r"space.lambda_ssl.hgh: unknown key 'hgh' \(did you mean 'high'\?\)"),
+    ({"space/lambda_ssl": {"type": "float", "low": 0.0}}, r"space.lambda_ssl.high: required"),
+    ({"space/lambda_ssl": {"type": "categorical", "choices": []}}, r"space.lambda_ssl.choices: \[\] is not allowed"),
+    ({"space/lambda_ssl": {"type": "gaussian"}}, r"space.lambda_ssl.type: unknown type 'gaussian'"),
+    ({"space/lambda_ssl": {"type": "float", "low": 0.0, "high": 1.0, "log": True}},
+     r"space.lambda_ssl.low: 0.0 is not allowed with log: true"),
+    ({"space/lambda_ss": {"type": "float", "low": 0.0, "high": 1.0}},
+     r"space.lambda_ss: unknown TrainConfig key 'lambda_ss' \(did you mean 'lambda_ssl'\?\)"),
+    ({"space/ssl.rotation": {"type": "float", "low": 0.0, "high": 1.0}},
+     r"space.ssl.rotation: unknown key of ssl 'rotation' \(did you mean 'rotation_deg'\?\)"),
+    ({"space/ssl": {"type": "constant", "value": {}}}, r"space.ssl: ssl is a section"),
+    ({"space/crop_size": {"type": "float", "low": 64, "high": 128}}, r"space.crop_size.type: float is not allowed"),
+    ({"space/epochs": {"type": "int", "low": 2, "high": 5}}, r"space.epochs: cannot be sampled; .*asha.max_epochs"),
+    ({"space/method.params.margin": {"type": "float", "low": 0.5, "high": 2.0}},
+     r"method.params.margin: unknown parameter of method 'r2d2' 'margin'"),
+    ({"space/ssl.perspective": {"type": "float", "low": 0.0, "high": 0.8}},
+     r"bad.yaml: space \(at .*ssl.perspective=0.8\): ssl.perspective: must be in \[0, 0.5\)"),
+    ({"space/ssl.scale[2]": {"type": "float", "low": 0.5, "high": 1.0}}, r"space.ssl.scale\[2\]: \[2\] is not allowed"),
+    ({"space/lambda_ssl": {"type": "float", "low": 0.0, "high": 1.0, "when": {"method.name": "r2d2"}},
+      "space/method.name": {"type": "categorical", "choices": ["r2d2", "d2net"]}},
+     r"space.lambda_ssl.when.method.name: method.name is sampled at or after lambda_ssl"),
+    ({"space/lambda_ssl": {"type": "float", "low": 0.0, "high": 1.0, "when": {"method.params.dim": 128}}},
+     r"space.lambda_ssl.when.method.params.dim: a condition key must be sampled earlier"),
+    ({"base": {"preset": "r2d2-roadscen"}},
+     r"bad.yaml: base.preset: unknown preset 'r2d2-roadscen' \(did you mean 'r2d2-roadscene'\?\)"),
+    ({"base": {"preset": "r2d2-roadscene", "lambda_sl": 0.4}},
+     r"bad.yaml: base: lambda_sl: unknown key 'lambda_sl' \(did you mean 'lambda_ssl'\?\)"),
+    ({"asha": {"max_epochs": 3, "grace_period": 5}}, r"asha.grace_period: 5 is more than max_epochs 3"),
+    ({"asha": {"max_epochs": 3, "reduction_factor": 1}}, r"asha.reduction_factor: must be > 1"),
+    ({"resources": {"cpu": 1, "gpu": 1.5}}, r"resources.gpu: must be a fraction in \[0, 1\] or a whole number"),
+    ({"sampler": {"name": "tpee"}}, r"sampler.name: unknown sampler 'tpee' \(did you mean 'tpe'\?\)"),
+    ({"sampler": {"name": "grid"}}, r"space.lambda_ssl: sampler 'grid' needs unconditional categorical specs"),
+    ({"sampler": {"name": "random", "n_startup_trials": 3}}, r"sampler.n_startup_trials: not used by sampler 'random'"),
+    ({"metric": "val_nmc"}, r"bad.yaml: metric: unknown metric 'val_nmc'"),
+    ({"mode": "maximize"}, r"mode: 'maximize' is not allowed; one of max, min"),
+    ({"evaluate": {"ks": [1024, 0]}}, r"evaluate.ks: \[1024, 0\] is not allowed"),
+    ({"evaluate": {"split": "tests"}}, r"evaluate.split: unknown split 'tests'"),
+    ({"tracking": {"uri": "./mlruns"}}, r"bad.yaml: tracking.uri: .*file store"),
+    ({"name": "my study"}, r"name: 'my study' is not allowed"),
+])
+def test_bad_study_is_a_config_error_naming_the_key(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        _study(tmp_path, **change)
+
+
+def test_grid_sampler_needs_enough_combinations(tmp_path):
+    space = {"lambda_ssl": {"type": "categorical", "choices": [0.0, 0.4]}}
+    with pytest.raises(ConfigError, match=r"trials: 4 is more than the 2 combinations"):
+        _study(tmp_path, space=space, sampler={"name": "grid"})
+    assert _study(tmp_path, space=space, sampler={"name": "grid"}, trials=2).trials == 2
+
+
+def test_resources_no_node_offers_are_refused(tmp_path):
+    cfg = _study(tmp_path, resources={"cpu": 4, "gpu": 0.25})
+    check_resources(cfg, [{"CPU": 2.0, "GPU": 0.0}, {"CPU": 8.0, "GPU": 1.0}])
+    with pytest.raises(ConfigError, match=r"bad.yaml: resources: \{cpu: 4, gpu: 0.25\} per trial cannot be met"):
+        check_resources(cfg, [{"CPU": 2.0, "GPU": 0.0}, {"CPU": 16.0, "GPU": 0.0}, {"CPU": 2.0, "GPU": 1.0}])
+
+
+def test_overrides_and_relative_paths(tmp_path):
+    study = tmp_path / "s.yaml"
+    study.write_text(yaml.safe_dump({"base": "r2d2-roadscene", "space": {"lambda_ssl": {
+        "type": "float", "low": 0.0, "high": 1.2}}, "storage": "out", "tracking": {"uri": "sqlite:///db/m.db"}}))
+    cfg = load_study(study, ["base.lambda_ssl=0.2", "asha.max_epochs=2", "space.lambda_ssl.high=0.8",
+                             "base.data.root=data/RoadScene"], trials=3, cwd=tmp_path)
+    assert cfg.name == "s" and cfg.trials == 3 and cfg.base["lambda_ssl"] == 0.2 and cfg.max_epochs == 2
+    assert cfg.base["method"]["name"] == "r2d2" and cfg.space[0].high == 0.8
+    assert cfg.storage == str(tmp_path / "out") and cfg.tracking.uri == f"sqlite:///{tmp_path}/db/m.db"
+    assert cfg.base["data"]["root"] == str(tmp_path / "data/RoadScene")
+    assert load_study(study, ["storage=s3://bucket/studies"], cwd=tmp_path).storage == "s3://bucket/studies"
+
+
+def _write(tmp_path, data) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_cli_bad_study_exits_2_with_one_line(tmp_path, capsys):
+    path = _write(tmp_path, {"base": "r2d2-roadscene", "space": {"lambda_ss": {"type": "float", "low": 0, "high": 1}}})
+    assert cli_main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s2study: error: ") and "space.lambda_ss" in err and "did you mean 'lambda_ssl'" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_cli_impossible_resources_exit_2_and_start_nothing(tmp_path):
+    path = _write(tmp_path, {"base": "r2d2-roadscene", "resources": {"cpu": 1000, "gpu": 64},
+                             "space": {"lambda_ssl": {"type": "float", "low": 0, "high": 1}}})
+    proc = subprocess.run([sys.executable, "-m", "s2study", "run", str(path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "resources: {cpu: 1000, gpu: 64} per trial cannot be met" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no storage, no mlflow.db
