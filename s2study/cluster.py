@@ -28,7 +28,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 import yaml
@@ -42,6 +42,17 @@ _RAY_IMAGE = re.compile(r"^(?:docker\.io/)?rayproject/(?P<repo>ray|ray-ml)(?::(?
 _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _K8S_QUANTITY = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i|[mkMGTPE]|n|u)?$")
 _GPU_KEYS = ("nvidia.com/gpu", "amd.com/gpu")
+
+#: where ``ray up`` leaves the prepared cluster config on the head (read by the autoscaler)
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+class WorkerType(NamedTuple):
+    """A node type the autoscaler may add: its Ray resources and how many of it at most."""
+
+    name: str
+    resources: dict[str, float]
+    max_workers: int
 
 
 # --------------------------------------------------------------------------- cluster files
@@ -100,7 +111,7 @@ def check_kuberay_manifest(doc: dict[str, Any]) -> list[str]:
     ``spec.headGroupSpec`` and each ``spec.workerGroupSpecs[i]`` (unique ``groupName``, integer
     ``replicas`` within ``minReplicas..maxReplicas``, ``rayStartParams`` values as strings,
     containers with name and image, resource quantities, whole-number GPU limits equal to any
-    GPU requests), ``authOptions.mode`` and the ``rayproject/ray`` image versions against
+    GPU requests), a named ``authOptions.mode`` and the ``rayproject/ray`` image versions against
     ``spec.rayVersion`` and this client's Ray.
 
     Args:
@@ -136,9 +147,10 @@ def check_kuberay_manifest(doc: dict[str, Any]) -> list[str]:
         ray_version = None
     auth = spec.get("authOptions")
     if auth is not None:
+        # the accepted modes are the operator's to check (its enum differs between releases)
         mode = auth.get("mode") if isinstance(auth, dict) else None
-        if mode not in ("disabled", "token"):
-            problems.append(f"spec.authOptions.mode must be 'token' or 'disabled', got {mode!r}")
+        if not isinstance(mode, str) or not mode:
+            problems.append(f"spec.authOptions.mode must name a mode such as 'token', got {mode!r}")
 
     head = spec.get("headGroupSpec")
     if not isinstance(head, dict):
@@ -175,8 +187,8 @@ def alive_node_count() -> int:
     """Number of alive nodes in the Ray cluster this process is connected to.
 
     Call it after ``ray.init``. On an autoscaling cluster (``min_workers: 0``) it can be 1 when
-    the study starts although trials will run on workers that join later, so a runner connected
-    to an existing cluster should not rely on it alone.
+    the study starts although trials will run on workers that join later: add what
+    :func:`autoscaler_worker_types` reports.
 
     Returns:
         The count of ``ray.nodes()`` entries marked alive (the head included).
@@ -189,6 +201,42 @@ def alive_node_count() -> int:
     if not ray.is_initialized():
         raise RuntimeError("alive_node_count() needs a connected Ray: call ray.init() first")
     return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def autoscaler_worker_types(path: str | os.PathLike[str] = BOOTSTRAP_CONFIG) -> list[WorkerType]:
+    """Worker node types an autoscaling launcher cluster may add, read on its head node.
+
+    With ``min_workers: 0`` (clusters/gpu.yaml) a study starts while the head, which offers no
+    CPU or GPU, is the only node: the checks must count the workers that trials will bring up.
+    A runner on the head uses ``1 + sum(max_workers)`` as the node count for
+    :func:`check_storage_for_cluster` / :func:`check_tracking_for_cluster`, and these
+    ``resources`` as the node shapes a trial's request must fit.
+
+    Args:
+        path: the config ``ray up`` wrote on the head (JSON in a ``.yaml`` file).
+
+    Returns:
+        The non-head node types with declared resources and ``max_workers > 0``; empty when
+        the file is absent (not on a launcher head, a KubeRay pod, a local Ray) or unreadable.
+    """
+    try:
+        config = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    types = _get(config, "available_node_types")
+    if not isinstance(types, dict):
+        return []
+    head = config.get("head_node_type")
+    return [
+        WorkerType(name, {k: float(v) for k, v in node["resources"].items()}, node["max_workers"])
+        for name, node in types.items()
+        if name != head
+        and isinstance(node, dict)
+        and isinstance(node.get("resources"), dict)
+        and node["resources"]
+        and isinstance(node.get("max_workers"), int)
+        and node["max_workers"] > 0
+    ]
 
 
 def check_storage_for_cluster(storage_path: str, n_nodes: int, shared_fs: bool = False) -> None:

@@ -50,7 +50,8 @@ def data_root(dirname: str, explicit: str | os.PathLike | None = None) -> Path:
     else:
         tried = []
         if os.environ.get(DATA_ENV):
-            tried.append((f"${DATA_ENV}", Path(os.environ[DATA_ENV]).expanduser().absolute() / dirname))
+            env = Path(os.environ[DATA_ENV]).expanduser().absolute()
+            tried.append((f"${DATA_ENV}", env / dirname))
         tried += [("shared data", p / dirname) for p in _shared_candidates("data")]
     return _first_existing(tried, f"dataset folder {dirname!r}", DATA_ENV)
 

@@ -5,6 +5,7 @@ refused for multi-node studies."""
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ import yaml
 
 from s2study.cli import main
 from s2study.cluster import (
+    WorkerType,
     alive_node_count,
+    autoscaler_worker_types,
     check_cluster_file,
     check_storage_for_cluster,
     check_tracking_for_cluster,
@@ -312,6 +315,24 @@ def test_node_local_tracking_is_refused_on_many_nodes_only(uri, needle):
     with pytest.raises(EnvironmentProblem, match=needle):
         check_tracking_for_cluster(uri, n_nodes=2)
     check_tracking_for_cluster(uri, n_nodes=1)
+
+
+def test_autoscaler_worker_types_read_the_bootstrap_config(tmp_path):
+    """The head of a `ray up` cluster holds the prepared config (JSON); the GPU types come back."""
+    from ray.autoscaler._private.util import prepare_config
+
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(json.dumps(prepare_config(_load("gpu.yaml"))))
+    types = autoscaler_worker_types(bootstrap)
+    gpu = {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A10G": 1.0}
+    assert types == [
+        WorkerType("gpu_a10g_spot", gpu, 4),
+        WorkerType("gpu_a10g_ondemand", gpu, 2),
+    ]
+    # the count a runner on the head passes to the storage/tracking checks
+    with pytest.raises(EnvironmentProblem):
+        check_storage_for_cluster("/home/ray/runs", 1 + sum(t.max_workers for t in types))
+    assert autoscaler_worker_types(tmp_path / "absent.yaml") == []
 
 
 def test_alive_node_count_needs_a_connected_ray():

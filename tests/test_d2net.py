@@ -156,12 +156,15 @@ def _torchvision_vgg16_state(seed: int = 1) -> dict[str, torch.Tensor]:
     return state
 
 
-def test_load_torchvision_vgg16_state_dict(tmp_path):
+def test_load_torchvision_vgg16_state_dict(tmp_path, caplog):
     state = _torchvision_vgg16_state()
     path = tmp_path / "vgg16.pth"
     torch.save(state, path)
-    net = _net()
-    net.load_pretrained(str(path))
+    with caplog.at_level("INFO", logger="s2study.methods.d2net"):
+        net = _net()
+        assert "randomly initialised" in caplog.text
+        net.load_pretrained(str(path))
+        assert f"loaded from {path}" in caplog.text
     for k, (_, index, _, _) in enumerate(VGG16_CONVS):
         assert torch.equal(net.backbone.convs[k].weight, state[f"features.{index}.weight"])
         assert torch.equal(net.backbone.convs[k].bias, state[f"features.{index}.bias"])

@@ -102,7 +102,9 @@ def test_s2study_checkpoint_round_trip(official, official_r2d2, crop, tmp_path):
     other = save_checkpoint(
         tmp_path / "other.pt", {"method": {"name": "r2d3", "params": {}}, "model": {}}
     )
-    with pytest.raises(CheckpointError, match="other.pt: unknown method 'r2d3' .did you mean 'r2d2'"):
+    with pytest.raises(
+        CheckpointError, match="other.pt: unknown method 'r2d3' .did you mean 'r2d2'"
+    ):
         load_extractor(other)
 
 

@@ -26,6 +26,7 @@ from s2study.methods.r2d2 import (
     official_checkpoint_params,
     peaky_loss,
     pyramid_sizes,
+    negative_histogram,
     quantized_ap,
     sample_positions,
 )
@@ -80,6 +81,8 @@ def homography_pair(roadscene: Path, pair_id: str, x0: int, y0: int, size: int, 
 
 def mutual_nn_correct(kp_a, kp_b, threshold: float = 3.0) -> int:
     """Mutual nearest neighbours of the descriptors within ``threshold`` px (identity GT)."""
+    if len(kp_a) == 0 or len(kp_b) == 0:
+        return 0
     sim = kp_a.descriptors @ kp_b.descriptors.t()
     ab, ba = sim.argmax(1), sim.argmax(0)
     mutual = ba[ab] == torch.arange(len(kp_a))
@@ -247,16 +250,17 @@ def test_quantized_ap_known_answers_and_dense_reference():
     centre = 1 - 9 / 19  # a bin centre: no spill into neighbours
     pos = torch.tensor([[1.0], [0.0], [centre]])
     neg = torch.tensor([[0.0, 0.0, -0.5], [1.0, 1.0, 1.0], [1.0, 0.95, -1.0]])
-    ap = quantized_ap(pos, neg, None, nq)
+    ap = quantized_ap(pos, negative_histogram(neg, None, nq), nq)
     assert torch.allclose(ap, torch.tensor([1.0, 1 / 4, 1 / 3]), atol=1e-6)
     # a zero weight removes a negative: the last query then has one above instead of two
     weights = torch.tensor([[1.0, 1.0, 1.0]] * 2 + [[1.0, 0.0, 1.0]])
-    assert torch.allclose(quantized_ap(pos, neg, weights, nq)[2], torch.tensor(0.5), atol=1e-6)
+    assert torch.allclose(quantized_ap(pos, negative_histogram(neg, weights, nq), nq)[2], torch.tensor(0.5), atol=1e-6)
 
     gen = torch.Generator().manual_seed(0)
     pos = torch.rand(64, 1, generator=gen, dtype=torch.float64) * 1.4 - 0.2
     neg = torch.rand(64, 50, generator=gen, dtype=torch.float64) * 2.4 - 1.2
-    assert torch.allclose(quantized_ap(pos, neg, None, nq).double(), _dense_ap(pos, neg, nq), atol=1e-6)
+    ap = quantized_ap(pos, negative_histogram(neg[:, :20]) + negative_histogram(neg[:, 20:]), nq)
+    assert torch.allclose(ap.double(), _dense_ap(pos, neg, nq), atol=1e-6)
 
 
 def test_sample_positions_prefer_valid_pixels_inside_the_border():
@@ -284,8 +288,11 @@ def test_cosim_and_peaky_ignore_pairs_without_correspondences():
     assert torch.allclose(cosim_loss(rep_a, rep_b, flows, valids), alone)
     # identical maps on a valid pair: cos = 1
     assert cosim_loss(rep_a[:1], rep_a[:1], flows[:1], valids[:1]).abs() < 1e-5
-    flat = peaky_loss(torch.full((1, 1, 32, 32), 0.5))
-    assert torch.allclose(flat, torch.ones(1))  # no peak at all: 1 - 0
+    assert torch.equal(peaky_loss(torch.zeros(1, 1, 32, 32)), torch.ones(1))  # max = mean = 0
+    spikes = torch.zeros(1, 1, 64, 64)
+    spikes[..., 8::17, 8::17] = 1.0
+    flat = torch.full_like(spikes, float(spikes.mean()))
+    assert peaky_loss(spikes) < peaky_loss(flat) - 0.01
 
 
 # ------------------------------------------------------------------ loss on real pairs

@@ -149,3 +149,17 @@ def test_running_children_are_closed_and_study_reads_back(store):
     assert "killed" in {t.s2status for t in by_name.trials}
     with pytest.raises(ConfigError, match=r"no study 'unit-stduy'.*unit-study"):
         tracking.fetch_study(uri, "unit-stduy")
+
+
+@pytest.mark.slow
+def test_settle_ends_runs_left_running_with_the_status_tune_reports(store):
+    uri, exp, parent, _ = store
+    ended, lost = _open(store, "dddd_00003"), _open(store, "eeee_00004")
+    t0 = time.perf_counter()
+    n = tracking.settle_trial_runs(uri, exp, parent, {"dddd_00003": ("stopped_early", None)}, wait_s=1.0)
+    assert n >= 2 and time.perf_counter() - t0 < 10
+    c = tracking.client(uri)
+    assert (c.get_run(ended.run_id).info.status, c.get_run(ended.run_id).data.tags["s2study.status"]) == (
+        "FINISHED", "stopped_early")
+    assert (c.get_run(lost.run_id).info.status, c.get_run(lost.run_id).data.tags["s2study.status"]) == (
+        "KILLED", "killed")

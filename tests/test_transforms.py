@@ -13,6 +13,7 @@ from kornia.geometry.transform import warp_perspective
 
 from s2study.config.schema import SLAugmentConfig, SSLAugmentConfig
 from s2study.data.transforms import (
+    blur,
     flip_matrices,
     photometric_sl,
     photometric_ssl,
@@ -27,40 +28,41 @@ BLOBS = torch.tensor([[x, y] for x in (50.0, 80.3, 110.6) for y in (40.0, 60.5, 
 SIGMA = 1.5
 
 
-def blob_image(points: torch.Tensor) -> torch.Tensor:
-    """(1, 1, H, W) image of Gaussian blobs at ``points`` (P, 2)."""
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> bool:
+    """Same shape and equal within ``atol`` (torch.testing's first call costs seconds)."""
+    return a.shape == b.shape and bool((a - b).abs().max() <= atol)
+
+
+def blob_images(points: torch.Tensor) -> torch.Tensor:
+    """(P, 1, H, W): one image per point of ``points`` (P, 2), each a single Gaussian blob."""
     ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32),
                             torch.arange(W, dtype=torch.float32), indexing="ij")
     d2 = (xs[None] - points[:, 0, None, None]) ** 2 + (ys[None] - points[:, 1, None, None]) ** 2
-    return torch.exp(-d2 / (2 * SIGMA**2)).sum(0)[None, None]
+    return torch.exp(-d2 / (2 * SIGMA**2))[:, None]
 
 
-def local_centroids(image: torch.Tensor, near: torch.Tensor, radius: int = 6) -> torch.Tensor:
-    """Intensity centroid of ``image`` (H, W) in a window around each point of ``near``."""
-    out = []
-    for x, y in near.round().long().tolist():
-        win = image[y - radius: y + radius + 1, x - radius: x + radius + 1]
-        ys, xs = torch.meshgrid(torch.arange(y - radius, y + radius + 1, dtype=torch.float32),
-                                torch.arange(x - radius, x + radius + 1, dtype=torch.float32),
-                                indexing="ij")
-        out.append(torch.stack([(win * xs).sum(), (win * ys).sum()]) / win.sum())
-    return torch.stack(out)
+def centroids(images: torch.Tensor) -> torch.Tensor:
+    """(P, 2) intensity centroids (x, y) of images (P, 1, H, W)."""
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32),
+                            torch.arange(W, dtype=torch.float32), indexing="ij")
+    mass = images.sum((1, 2, 3))
+    moments = torch.stack([(images * xs).sum((1, 2, 3)), (images * ys).sum((1, 2, 3))], -1)
+    return moments / mass[:, None]
 
 
 def check_homographies_match_warp(hs: torch.Tensor) -> int:
-    """Warp the blob image with each homography; blob centroids must land on ``H(p)``."""
-    image = blob_image(BLOBS)
+    """Warp one-blob images with each homography; each blob's centroid (found without using
+    the prediction) must land on ``H(p)``. Returns the number of blobs checked."""
+    images = blob_images(BLOBS)
     checked = 0
     for h in hs:
-        warped = warp_perspective(image, h[None], (H, W), align_corners=True)[0, 0]
+        warped = warp_perspective(images, h.expand(len(BLOBS), 3, 3), (H, W), align_corners=True)
         target = warp_points(h, BLOBS)
         inside = ((target[:, 0] > 10) & (target[:, 0] < W - 11)
                   & (target[:, 1] > 10) & (target[:, 1] < H - 11))
-        if not inside.any():
-            continue
-        found = local_centroids(warped, target[inside])
-        # the isolated blob only spreads a little under the local warp: sub-pixel agreement
-        assert (found - target[inside]).norm(dim=-1).max() < 0.15, (h, found, target[inside])
+        found = centroids(warped[inside])
+        # an isolated blob only spreads a little under the local warp: sub-pixel agreement
+        assert (found - target[inside]).norm(dim=-1).max() < 0.1, (h, found, target[inside])
         checked += int(inside.sum())
     return checked
 
@@ -112,8 +114,7 @@ def test_ssl_magnitudes_follow_config():
     assert 0.9 - 1e-4 <= scale.min() and scale.max() <= 1.1 + 1e-4
     centre = torch.tensor([[(W - 1) / 2, (H - 1) / 2]])
     # scale and rotation are about the image centre
-    torch.testing.assert_close(warp_points(h, centre.expand(200, 1, 2)),
-                               centre.expand(200, 1, 2), atol=1e-3, rtol=0)
+    assert close(warp_points(h, centre.expand(200, 1, 2)), centre.expand(200, 1, 2), atol=1e-3)
     quad = SSLAugmentConfig(scale=(1, 1), rotation_deg=0, perspective=0.1)
     corners = torch.tensor([[0.0, 0.0], [W - 1, 0], [W - 1, H - 1], [0, H - 1]])
     moved = warp_points(random_ssl_homographies(100, H, W, quad, gen), corners.expand(100, 4, 2))
@@ -129,11 +130,11 @@ def test_sl_rot90_and_flips():
     assert set(quarters.tolist()) == {1.0, 2.0, 3.0}
     assert torch.allclose(angle, torch.round(angle / 90) * 90, atol=1e-3)
     none = SLAugmentConfig(rotation_deg=0, scale=(1, 1), perspective=0, rot90_prob=0.0)
-    torch.testing.assert_close(random_sl_offsets(5, H, W, none, gen), torch.eye(3).expand(5, 3, 3))
+    assert close(random_sl_offsets(5, H, W, none, gen), torch.eye(3).expand(5, 3, 3))
     f = flip_matrices(torch.tensor([True, False]), torch.tensor([10.0, 10.0]))
     pts = torch.tensor([[0.0, 3.0], [9.0, 4.0]])
-    torch.testing.assert_close(warp_points(f[0], pts), torch.tensor([[9.0, 3.0], [0.0, 4.0]]))
-    torch.testing.assert_close(warp_points(f[1], pts), pts)
+    assert close(warp_points(f[0], pts), torch.tensor([[9.0, 3.0], [0.0, 4.0]]))
+    assert close(warp_points(f[1], pts), pts)
 
 
 def test_same_seed_same_transforms():
@@ -164,13 +165,26 @@ def test_ssl_blur_matches_opencv_gaussian():
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+def test_blur_per_image_sigma_matches_opencv_with_borders():
+    rng = np.random.default_rng(1)
+    images = rng.random((3, 2, 20, 24)).astype(np.float32)
+    sigmas = [0.5, 1.0, 2.0]
+    out = blur(torch.from_numpy(images), torch.tensor(sigmas), max_sigma=2.0).numpy()
+    for i, sigma in enumerate(sigmas):
+        for c in range(2):
+            ref = cv2.GaussianBlur(images[i, c], (13, 13), sigma, borderType=cv2.BORDER_REFLECT_101)
+            np.testing.assert_allclose(out[i, c], ref, atol=1e-5)
+    same = blur(torch.from_numpy(images), torch.zeros(3), max_sigma=1.0)
+    assert close(same, torch.from_numpy(images))
+
+
 @pytest.mark.parametrize("prob", [0.0, 1.0])
 def test_ssl_inversion_above_threshold(prob):
     ramp = torch.linspace(0, 1, 101).view(1, 1, 1, -1).expand(2, 3, 4, -1).contiguous()
     cfg = SSLAugmentConfig(noise_std=0, blur_sigma=0, invert_prob=prob, invert_threshold=(0.6, 0.6))
     out = photometric_ssl(ramp, cfg, torch.Generator().manual_seed(0))
     expected = torch.where(ramp > 0.6, 1 - ramp, ramp) if prob else ramp
-    torch.testing.assert_close(out, expected)
+    assert close(out, expected)
 
 
 def test_sl_photometric_is_light_and_bounded():
@@ -190,5 +204,4 @@ def test_rotation_direction_is_clockwise_on_screen():
     from s2study.data.transforms import similarity_about
 
     h = similarity_about(torch.tensor([[10.0, 10.0]]), torch.tensor([math.pi / 2]), torch.ones(1))
-    torch.testing.assert_close(warp_points(h[0], torch.tensor([[15.0, 10.0]])),
-                               torch.tensor([[10.0, 15.0]]), atol=1e-5, rtol=0)
+    assert close(warp_points(h[0], torch.tensor([[15.0, 10.0]])), torch.tensor([[10.0, 15.0]]))

@@ -71,22 +71,28 @@ def _translation(offset: Tensor) -> Tensor:
 def _upload(samples: list[PairSample], device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """All images zero-padded onto one canvas and moved to ``device`` in one transfer.
 
+    On CUDA the host buffers are pinned and copied asynchronously (no wait on the GPU queue).
+
     Returns:
         ``canvas`` (2B, 3, H, W) float in [0, 1] (visible images, then infrared),
         ``size_a`` and ``size_b`` (B, 2) float (height, width), ``h0`` (B, 3, 3) A -> B.
     """
+    b = len(samples)
     images = [s.image_a for s in samples] + [s.image_b for s in samples]
     height = max(im.shape[0] for im in images)
     width = max(im.shape[1] for im in images)
-    canvas = np.zeros((len(images), height, width, 3), dtype=np.uint8)
+    pin = torch.device(device or "cpu").type == "cuda"
+    canvas = torch.zeros((2 * b, height, width, 3), dtype=torch.uint8, pin_memory=pin)
+    meta = torch.zeros((2 * b * 2 + b * 9,), dtype=torch.float32, pin_memory=pin)
+    host, host_meta = canvas.numpy(), meta.numpy()
     for i, im in enumerate(images):
-        canvas[i, : im.shape[0], : im.shape[1]] = im
-    sizes = torch.tensor([im.shape[:2] for im in images], dtype=torch.float32)
-    h0 = torch.tensor(np.stack([s.homography for s in samples]), dtype=torch.float32)
-    canvas_t = torch.from_numpy(canvas).to(device).permute(0, 3, 1, 2).float().div_(255)
-    b = len(samples)
-    sizes = sizes.to(device)
-    return canvas_t, sizes[:b], sizes[b:], h0.to(device)
+        host[i, : im.shape[0], : im.shape[1]] = im
+    host_meta[: 4 * b] = np.array([im.shape[:2] for im in images]).ravel()
+    host_meta[4 * b:] = np.stack([s.homography for s in samples]).ravel()
+    canvas = canvas.to(device, non_blocking=pin).permute(0, 3, 1, 2).float().div_(255)
+    meta = meta.to(device, non_blocking=pin)
+    sizes = meta[: 4 * b].view(2 * b, 2)
+    return canvas, sizes[:b], sizes[b:], meta[4 * b:].view(b, 3, 3)
 
 
 def _candidate_centres(size: Tensor, crop: int, generator: torch.Generator) -> Tensor:
@@ -99,11 +105,20 @@ def _candidate_centres(size: Tensor, crop: int, generator: torch.Generator) -> T
     return lo + (hi - lo) * u.to(size.device)
 
 
+def _inverse(m: Tensor) -> Tensor:
+    """Inverse of invertible (n, 3, 3) matrices without the error check (a device sync)."""
+    return torch.linalg.inv_ex(m)[0]
+
+
 def _crop_matrices(pa: Tensor, pb: Tensor, h0: Tensor, centre: Tensor, crop: int):
     """Source-to-crop matrices ``Ma``, ``Mb`` and the crop A -> crop B homography.
 
     Args:
-        pa, pb, h0: (..., 3, 3); centre: (..., 2) crop centre in image A.
+        pa: (..., 3, 3) pre-crop transform of image A.
+        pb: (..., 3, 3) pre-crop transform of image B.
+        h0: (..., 3, 3) ground truth image A -> image B.
+        centre: (..., 2) crop centre in image A.
+        crop: crop side C.
     """
     half = (crop - 1) / 2
     # crop A starts on a whole pixel, so it copies pixels without interpolating
@@ -111,7 +126,7 @@ def _crop_matrices(pa: Tensor, pb: Tensor, h0: Tensor, centre: Tensor, crop: int
     corner_b = warp_points(pb @ h0, centre[..., None, :])[..., 0, :] - half
     ma = _translation(-corner_a) @ pa
     mb = _translation(-corner_b) @ pb
-    return ma, mb, mb @ h0 @ torch.linalg.inv(ma)
+    return ma, mb, mb @ h0 @ _inverse(ma)
 
 
 def _map_grid(homography: Tensor, crop: int) -> Tensor:
@@ -133,8 +148,10 @@ def _inside(points: Tensor, size: Tensor) -> Tensor:
 
 
 def _best_centres(pa, pb, h0, size_a, size_b, crop: int, generator) -> Tensor:
-    """(n, 2) crop centres in A: per pair the candidate with most valid correspondences,
-    counted on a coarse grid of the crop."""
+    """(n, 2) crop centres in A: per pair, the candidate with most valid correspondences.
+
+    Validity is counted on a coarse grid of the crop.
+    """
     n = pa.shape[0]
     cand = _candidate_centres(size_a, crop, generator)  # (n, K, 2)
 
@@ -146,7 +163,7 @@ def _best_centres(pa, pb, h0, size_a, size_b, crop: int, generator) -> Tensor:
     step = crop / SCORE_GRID
     grid = pixel_grid(SCORE_GRID, SCORE_GRID, device=pa.device) * step + (step - 1) / 2
     grid = grid.reshape(1, -1, 2).expand(n * CANDIDATES, -1, -1)
-    crop_to_a = torch.linalg.inv(ma)
+    crop_to_a = _inverse(ma)
     ok = _inside(warp_points(crop_to_a, grid), size_a)
     ok &= _inside(warp_points(h0 @ crop_to_a, grid), size_b)
     ok &= inside_mask(warp_points(g, grid), crop, crop)
@@ -170,8 +187,10 @@ def make_s2_batch(
     Args:
         samples: B pairs (images of any size; different sizes across samples are fine).
         crop: side C of the square crops.
-        sl: SL offset magnitudes; ssl: SSL cascade magnitudes.
-        ssl_vis, ssl_ir: include the SSL pairs of the visible / infrared images.
+        sl: SL offset magnitudes.
+        ssl: SSL cascade magnitudes.
+        ssl_vis: include the SSL pairs of the visible images.
+        ssl_ir: include the SSL pairs of the infrared images.
         generator: every random draw comes from it (same seed, same batch).
         device: where everything after reading the images happens.
 
@@ -203,7 +222,7 @@ def make_s2_batch(
     images_b = torch.cat([warp_perspective(p[2], m, (crop, crop), align_corners=True)
                           for p, m in zip(parts, mb.split(b))])
     flow, valid = flow_from_homography(g, (crop, crop), (crop, crop))
-    crop_to_a = torch.linalg.inv(ma)
+    crop_to_a = _inverse(ma)
     valid &= _inside(_map_grid(crop_to_a, crop), sa) & _inside(_map_grid(h0 @ crop_to_a, crop), sb)
 
     images_a[:b], images_b[:b] = photometric_sl(

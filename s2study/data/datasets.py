@@ -220,8 +220,9 @@ class RoadScene(FilePairDataset):
             visible, from_hr = self.root / "crop_HR_visible", True
         for folder in (visible, infrared):
             if not folder.is_dir():
-                raise DataError(f"RoadScene root {self.root} has no {folder.name}/ folder "
-                                "(expected crop_LR_visible/ or crop_HR_visible/, and cropinfrared/)")
+                raise DataError(
+                    f"RoadScene root {self.root} has no {folder.name}/ folder "
+                    "(expected crop_LR_visible/ or crop_HR_visible/, and cropinfrared/)")
         split_file = self.root / "splits" / f"{split}.txt"
         if not split_file.is_file():
             have = sorted(p.stem for p in (self.root / "splits").glob("*.txt"))

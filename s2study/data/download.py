@@ -84,7 +84,8 @@ def _open(url: str, start: int):
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and start:  # the partial file already holds everything
             return None
-        raise EnvironmentProblem(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
+        raise EnvironmentProblem(
+            f"download of {url} failed: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise EnvironmentProblem(f"cannot reach {url}: {reason}") from None
@@ -112,7 +113,8 @@ def fetch(url: str, dest: Path, *, size: int | None = None, sha256: str | None =
     Args:
         url: http(s) URL.
         dest: final file; when it exists already it is verified and kept.
-        size, sha256: expected size in bytes and hex digest (None: not checked).
+        size: expected size in bytes (None: not checked).
+        sha256: expected hex digest (None: not checked; the computed one is printed).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -168,7 +170,8 @@ def _extract(archive: Path, into: Path) -> None:
         with zipfile.ZipFile(archive) as z:
             z.extractall(into)  # zipfile drops absolute paths and '..' components
     except zipfile.BadZipFile:
-        raise DataError(f"{archive} is not a valid zip archive; delete it and download again") from None
+        raise DataError(
+            f"{archive} is not a valid zip archive; delete it and download again") from None
 
 
 def _find_dir(root: Path, accept) -> Path | None:
@@ -241,7 +244,7 @@ def download_dataset(name: str, to: Path, *, url: str | None = None, sha256: str
         to: the data folder (what ``S2STUDY_DATA`` points at).
         url: overrides the archive URL (then the table's size and sha256 are not used).
         sha256: expected digest of the archive (overrides the table).
-        force: replace an existing unpacked dataset.
+        force: download again and replace an existing dataset folder.
         progress: show a progress bar.
 
     Returns:
@@ -256,8 +259,11 @@ def download_dataset(name: str, to: Path, *, url: str | None = None, sha256: str
         print(f"{target} already exists; pass --force to replace it")
         return target
     size, expected = (source.size, source.sha256) if url is None else (None, None)
-    archive = fetch(url or source.url, to / ".downloads" / source.archive, size=size,
-                    sha256=sha256 or expected, progress=progress)
+    archive = to / ".downloads" / source.archive
+    if force:
+        archive.unlink(missing_ok=True)
+        archive.with_name(archive.name + ".part").unlink(missing_ok=True)
+    fetch(url or source.url, archive, size=size, sha256=sha256 or expected, progress=progress)
     with tempfile.TemporaryDirectory(dir=to, prefix=f".{source.dirname}-unpack-") as tmp:
         _extract(archive, Path(tmp) / "archive")
         staged = Path(tmp) / source.dirname
@@ -295,6 +301,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--to", help=f"data folder (default: ${DATA_ENV}, else ./data)")
     p.add_argument("--url", help="download from this URL instead (e.g. a mirror)")
     p.add_argument("--sha256", help="expected sha256 of the archive")
-    p.add_argument("--force", action="store_true", help="replace an existing dataset folder")
+    p.add_argument("--force", action="store_true",
+                   help="download again and replace an existing dataset folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
-from kornia.filters import gaussian_blur2d
+import torch.nn.functional as F
 from kornia.geometry.transform import get_perspective_transform
 from torch import Tensor
 
@@ -40,11 +40,12 @@ def _lerp(lo: float, hi: float, u: Tensor) -> Tensor:
 
 
 def similarity_about(center: Tensor, angle: Tensor, scale: Tensor) -> Tensor:
-    """Rotation by ``angle`` (radians, clockwise on screen as y points down) and isotropic
-    ``scale`` about ``center``.
+    """Rotation and isotropic scale about a centre, as homographies.
 
     Args:
-        center: (n, 2) pixel coordinates ``(x, y)``; angle, scale: (n,).
+        center: (n, 2) pixel coordinates ``(x, y)``.
+        angle: (n,) radians; positive turns clockwise on screen (y points down).
+        scale: (n,) scale factors.
 
     Returns:
         (n, 3, 3) homographies.
@@ -64,7 +65,8 @@ def corner_jitter(jitter: Tensor, height: Tensor, width: Tensor) -> Tensor:
     Args:
         jitter: (n, 4, 2) corner displacements as fractions of (width, height), for the
             corners top-left, top-right, bottom-right, bottom-left.
-        height, width: (n,) image sizes.
+        height: (n,) image heights.
+        width: (n,) image widths.
 
     Returns:
         (n, 3, 3) homographies.
@@ -87,7 +89,8 @@ def random_ssl_homographies(
 
     Args:
         n: number of transforms.
-        height, width: image size, an int or an (n,) tensor (one per sample).
+        height: image height, an int or an (n,) tensor (one per sample).
+        width: image width, an int or an (n,) tensor.
         cfg: scale range (Ts), rotation in [-rotation_deg, rotation_deg] about the image
             centre (Tr), corner jitter up to ``perspective`` of the size (Tq).
         generator: source of randomness.
@@ -118,9 +121,12 @@ def random_sl_offsets(
     ``rot90_prob`` an extra rotation by 90, 180 or 270 degrees.
 
     Args:
-        n: number of offsets; height, width: image size, an int or an (n,) tensor.
+        n: number of offsets.
+        height: image height, an int or an (n,) tensor (one per sample).
+        width: image width, an int or an (n,) tensor.
         cfg: the SL augmentation magnitudes.
-        generator: source of randomness; device: device of the result.
+        generator: source of randomness.
+        device: device of the result.
 
     Returns:
         (n, 3, 3) float32 homographies mapping the infrared image onto its offset copy.
@@ -139,7 +145,8 @@ def flip_matrices(flip: Tensor, width: Tensor) -> Tensor:
     """Horizontal flips as homographies.
 
     Args:
-        flip: (n,) bool, which samples are flipped; width: (n,) image widths.
+        flip: (n,) bool, which samples are flipped.
+        width: (n,) image widths.
 
     Returns:
         (n, 3, 3): ``x -> width - 1 - x`` where flipped, identity elsewhere.
@@ -157,10 +164,29 @@ def add_noise(images: Tensor, std: Tensor, generator: torch.Generator) -> Tensor
 
 
 def blur(images: Tensor, sigma: Tensor, max_sigma: float) -> Tensor:
-    """Gaussian blur with a per-image ``sigma`` (n,) (at most ``max_sigma``); images (n, C, H, W)."""
+    """Gaussian blur with a per-image ``sigma``, as one separable grouped convolution.
+
+    kornia's ``gaussian_blur2d`` checks a tensor sigma on the host (a device sync), so the
+    per-image kernels are built here on the device instead. Borders reflect (as OpenCV's
+    default ``BORDER_REFLECT_101``).
+
+    Args:
+        images: (n, C, H, W).
+        sigma: (n,) standard deviations in pixels, each at most ``max_sigma``.
+        max_sigma: sets the kernel radius, ``ceil(3 * max_sigma)``.
+
+    Returns:
+        (n, C, H, W) blurred images.
+    """
+    n, c, h, w = images.shape
     radius = max(1, math.ceil(3 * max_sigma))
-    sigma = sigma.clamp(min=1e-3).view(-1, 1).expand(-1, 2)
-    return gaussian_blur2d(images, 2 * radius + 1, sigma)
+    x = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-(x**2) / (2 * sigma.clamp(min=1e-3).to(images.dtype).view(-1, 1) ** 2))
+    kernel = (kernel / kernel.sum(-1, keepdim=True)).repeat_interleave(c, dim=0)  # (n*C, K)
+    flat = F.pad(images.reshape(1, n * c, h, w), (radius,) * 4, mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=n * c)
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=n * c)
+    return flat.view(n, c, h, w)
 
 
 def photometric_ssl(images: Tensor, cfg: SSLAugmentConfig, generator: torch.Generator) -> Tensor:
@@ -172,6 +198,8 @@ def photometric_ssl(images: Tensor, cfg: SSLAugmentConfig, generator: torch.Gene
 
     Args:
         images: (n, 3, H, W) float in [0, 1].
+        cfg: the SSL magnitudes.
+        generator: source of randomness (noise, thresholds, which images are inverted).
 
     Returns:
         (n, 3, H, W) float in [0, 1].
@@ -189,11 +217,15 @@ def photometric_ssl(images: Tensor, cfg: SSLAugmentConfig, generator: torch.Gene
 
 
 def photometric_sl(images: Tensor, cfg: SLAugmentConfig, generator: torch.Generator) -> Tensor:
-    """Light noise and blur of SL images: per image, a blur sigma drawn in
-    [0, ``cfg.blur_sigma``] and a noise std drawn in [0, ``cfg.noise_std``].
+    """Light noise and blur of SL images.
+
+    Per image, a blur sigma drawn in [0, ``cfg.blur_sigma``] and a noise std drawn in
+    [0, ``cfg.noise_std``].
 
     Args:
         images: (n, 3, H, W) float in [0, 1].
+        cfg: the SL magnitudes.
+        generator: source of randomness.
 
     Returns:
         (n, 3, H, W) float in [0, 1].

@@ -92,7 +92,7 @@ class VGG16Conv4(nn.Module):
             d = 2 if dilated and name.startswith("conv4") else 1
             x = F.conv2d(x, conv.weight, conv.bias, padding=d, dilation=d)
             if name != "conv4_3":
-                x = F.relu(x)
+                x = F.relu(x, inplace=True)
         return x
 
 
@@ -374,7 +374,8 @@ class D2Net(Method):
         self.register_buffer("_scale", scale.view(1, 3, 1, 1), persistent=False)
         self._freeze()
         log.info(
-            "d2net: VGG16 layers randomly initialised (load_pretrained() to start from ImageNet)"
+            "d2net: VGG16 layers randomly initialised (until load_pretrained() or a checkpoint "
+            "replaces them)"
         )
 
     def _validate_params(self) -> None:
@@ -432,7 +433,9 @@ class D2Net(Method):
     def dense_features(self, images: Tensor, dilated: bool = False) -> Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> (B, 512, h, w) raw conv4_3 features."""
         x = images.flip(1) if self.params["preprocessing"] == "caffe" else images
-        return self.backbone((x - self._mean) * self._scale, dilated)
+        x = ((x - self._mean) * self._scale).contiguous(memory_format=torch.channels_last)
+        # channels-last: faster convolutions, and (B, h*w, C) descriptor views without copies
+        return self.backbone(x, dilated)
 
     def forward(self, images: Tensor, dilated: bool = False) -> DenseFeatures:
         """Dense D2-Net outputs.

@@ -268,54 +268,81 @@ def _feature_rows(maps: Tensor) -> Tensor:
     return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
 
 
-def _gather(rows: Tensor, xy: Tensor, height: int, width: int) -> Tensor:
-    """Feature rows at integer positions ``xy`` (B, ..., 2) -> (B, ..., C)."""
+def _flat_index(xy: Tensor, height: int, width: int) -> Tensor:
+    """Row indices into :func:`_feature_rows` of integer positions ``xy`` (B, ..., 2)."""
     bsz = xy.shape[0]
     batch = torch.arange(bsz, device=xy.device).view(bsz, *([1] * (xy.dim() - 2)))
-    flat = (batch * height + xy[..., 1]) * width + xy[..., 0]
+    return (batch * height + xy[..., 1]) * width + xy[..., 0]
+
+
+def _gather(rows: Tensor, xy: Tensor, height: int, width: int) -> Tensor:
+    """Feature rows at integer positions ``xy`` (B, ..., 2) -> (B, ..., C)."""
+    flat = _flat_index(xy, height, width)
     return rows.index_select(0, flat.reshape(-1)).view(*flat.shape, rows.shape[1])
 
 
-def _soft_histogram(scores: Tensor, weights: Tensor | None, nq: int) -> Tensor:
+class _SoftHistogram(torch.autograd.Function):
     """Triangular-kernel histogram of similarities over ``nq`` bins, 1 (bin 0) down to 0.
 
     Each score in [0, 1] splits its weight linearly between its two nearest bin centres;
-    scores above 1 go to bin 0, below 0 to the last bin (the official quantiser exactly).
-
-    Args:
-        scores: (N, M); weights: (N, M) or None (all ones).
-
-    Returns:
-        (N, nq) soft counts, differentiable w.r.t. ``scores`` and ``weights``.
+    scores above 1 go to bin 0, below 0 to the last bin: the official quantiser exactly,
+    as two scatters instead of an (N, nq, M) tensor. The backward pass recomputes the bins
+    from the scores instead of storing them.
     """
-    t = ((1 - scores) * (nq - 1)).clamp(0, nq - 1)
-    lo = t.detach().floor().clamp(max=nq - 2).long()
-    hi_w = t - lo
-    lo_w = 1 - hi_w
-    if weights is not None:
-        hi_w, lo_w = hi_w * weights, lo_w * weights
-    hist = scores.new_zeros(scores.shape[0], nq)
-    return hist.scatter_add(1, lo, lo_w).scatter_add(1, lo + 1, hi_w)
+
+    @staticmethod
+    def _bins(scores: Tensor, nq: int) -> tuple[Tensor, Tensor]:
+        t = ((1 - scores) * (nq - 1)).clamp_(0, nq - 1)
+        lo = t.floor().clamp_(max=nq - 2)
+        return lo.long(), t.sub_(lo)  # bin below, weight of the bin above
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, weights: Tensor | None, nq: int) -> Tensor:
+        lo, hi_w = _SoftHistogram._bins(scores, nq)
+        lo_w = 1 - hi_w
+        if weights is not None:
+            hi_w.mul_(weights)
+            lo_w.mul_(weights)
+        ctx.save_for_backward(scores, weights)
+        ctx.nq = nq
+        hist = scores.new_zeros(scores.shape[0], nq)
+        return hist.scatter_add_(1, lo, lo_w).scatter_add_(1, lo + 1, hi_w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        scores, weights = ctx.saved_tensors
+        nq = ctx.nq
+        lo, _ = _SoftHistogram._bins(scores, nq)
+        # d(count of bin lo) / d score = (nq - 1) w; d(count of bin lo + 1) / d score = -(nq - 1) w
+        step = (grad[:, :-1] - grad[:, 1:]).mul_(nq - 1)
+        out = step.gather(1, lo)
+        out.mul_(((scores > 0) & (scores < 1)).to(out.dtype))
+        if weights is not None:
+            out.mul_(weights)
+        return out, None, None
 
 
-def quantized_ap(
-    positives: Tensor, negatives: Tensor, negative_weights: Tensor | None = None, nq: int = 20
-) -> Tensor:
+def negative_histogram(negatives: Tensor, weights: Tensor | None = None, nq: int = 20) -> Tensor:
+    """Soft counts (N, nq) of negative similarities (N, M), weighted (N, M) in [0, 1] or not.
+
+    Histograms of several blocks of negatives add up, so the blocks need not be concatenated.
+    """
+    return _SoftHistogram.apply(negatives.float(), None if weights is None else weights.float().detach(), nq)
+
+
+def quantized_ap(positives: Tensor, negative_counts: Tensor, nq: int = 20) -> Tensor:
     """Differentiable average precision by quantisation (the official ``APLoss``).
 
     Args:
         positives: (N, P) similarities of each query to its positives.
-        negatives: (N, M) similarities to its negatives.
-        negative_weights: (N, M) weights in [0, 1] (0 drops a negative), or None.
-        nq: number of quantisation bins over [0, 1].
+        negative_counts: (N, nq) soft counts of its negatives (:func:`negative_histogram`).
+        nq: number of quantisation bins over [0, 1] (bin 0 is similarity 1).
 
     Returns:
         (N,) AP per query in [0, 1].
     """
-    rec = _soft_histogram(positives.float(), None, nq)
-    weights = None if negative_weights is None else negative_weights.float()
-    counts = rec + _soft_histogram(negatives.float(), weights, nq)
-    prec = rec.cumsum(1) / (counts.cumsum(1) + 1e-16)
+    rec = _SoftHistogram.apply(positives.float(), None, nq)
+    prec = rec.cumsum(1) / ((rec + negative_counts).cumsum(1) + 1e-16)
     rec = rec / rec.sum(1, keepdim=True).clamp_min(1e-16)
     return (prec * rec).sum(1)
 
@@ -369,35 +396,37 @@ def reliability_ap_loss(
     conf = _gather(rel_rows_a, xy_q, height, width)[..., 0]
 
     pos_off, neg_off = neighbourhood_offsets(ngh, subd, pos_d, neg_d)
+    npos, nq_total = pos_off.shape[0], bsz * xy_q.shape[1]
     offsets = torch.cat([pos_off, neg_off]).to(flow.device)
     cand = gt[:, :, None, :] + offsets  # (B, n, P + K, 2)
     size = torch.tensor([width, height], device=flow.device)
     inside = ((cand >= 0) & (cand < size)).all(-1)
     cand = torch.minimum(cand.clamp_min(0), size - 1)
-    scores = torch.einsum("bnc,bnkc->bnk", feat_q, _gather(rows_b, cand, height, width)).float()
-    npos = pos_off.shape[0]
-    pos_scores, neg_scores = scores[..., :npos], scores[..., npos:]
-    if maxpool_pos:
-        pos_scores, best = pos_scores.max(dim=2, keepdim=True)
-        best_xy = cand.gather(2, best[..., None].expand(-1, -1, 1, 2))[:, :, 0]
-        conf = (conf + _gather(rel_rows_b, best_xy, height, width)[..., 0]) / 2
-    neg_weights = inside[..., npos:].float()
-
-    nq_total = xy_q.shape[1] * bsz
-    neg_scores = neg_scores.reshape(nq_total, -1)
-    neg_weights = neg_weights.reshape(nq_total, -1)
     if subd_neg != 0:
         xy_d, _ = sample_positions(torch.ones_like(valid), border, subd_neg)  # (B, m, 2)
-        feat_d = _gather(rows_b, xy_d, height, width).reshape(-1, chan)
-        dist = (feat_q.reshape(nq_total, chan) @ feat_d.t()).float()  # (B * n, B * m)
+    else:
+        xy_d = cand.new_zeros(bsz, 0, 2)
+    # one gather from B for neighbourhoods and distractors: one full-size gradient buffer
+    index_ngh, index_d = _flat_index(cand, height, width), _flat_index(xy_d, height, width)
+    feat_b = rows_b.index_select(0, torch.cat([index_ngh.reshape(-1), index_d.reshape(-1)]))
+    feat_ngh, feat_d = feat_b.split([index_ngh.numel(), index_d.numel()])
+    scores = (feat_ngh.view(nq_total, -1, chan) @ feat_q.reshape(nq_total, chan, 1))[..., 0].float()
+    pos_scores, neg_scores = scores[:, :npos], scores[:, npos:]
+    counts = negative_histogram(neg_scores, inside[..., npos:].reshape(nq_total, -1), nq)
+    if maxpool_pos:
+        pos_scores, best = pos_scores.max(dim=1, keepdim=True)
+        best_xy = cand.reshape(nq_total, -1, 2)[torch.arange(nq_total, device=flow.device), best[:, 0]]
+        rel_best = rel_rows_b.index_select(0, _flat_index(best_xy.view(bsz, -1, 2), height, width).reshape(-1))
+        conf = (conf + rel_best.view(bsz, -1)) / 2
+    if subd_neg != 0:
+        dist = (feat_q.reshape(nq_total, chan) @ feat_d.t()).float()  # (B n, B m)
         # distractors of the query's own image B within neg_d of its ground truth are dropped
         near = ((xy_d[:, None] - gt[:, :, None]) ** 2).sum(-1) < neg_d**2  # (B, n, m)
         own = torch.eye(bsz, dtype=torch.bool, device=flow.device)[:, None, :, None]
         keep = ~(own & near[:, :, None, :])  # (B, n, B, m)
-        neg_scores = torch.cat([neg_scores, dist], dim=1)
-        neg_weights = torch.cat([neg_weights, keep.reshape(nq_total, -1).float()], dim=1)
+        counts = counts + negative_histogram(dist, keep.reshape(nq_total, -1), nq)
 
-    ap = quantized_ap(pos_scores.reshape(nq_total, -1), neg_scores, neg_weights, nq)
+    ap = quantized_ap(pos_scores, counts, nq)
     conf = conf.reshape(-1).float()
     per_query = 1 - ap * conf - (1 - conf) * base
     mask = ok.reshape(-1).float()

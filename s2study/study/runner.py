@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -163,6 +164,7 @@ def build_sampler(cfg: StudyConfig):
 
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = cfg.sampler
     n_startup = s.n_startup_trials if s.n_startup_trials is not None else max(1, cfg.trials // 4)
     conditional = any(spec.when for spec in cfg.space)
@@ -191,17 +193,22 @@ class StudyProgress(tune.Callback):
         self.best_trial = ""
         self.t0 = time.time()
 
-    def _counts(self, trials: list) -> str:
-        running = sum(t.status == "RUNNING" for t in trials)
-        failed = sum(t.status == "ERROR" for t in trials)
-        ended = [t for t in trials if t.status == "TERMINATED"]
+    def setup(self, **info: Any) -> None:
+        self.t0 = time.time()  # also after Tuner.restore, which unpickles this callback
+
+    def _counts(self, trials: list, ending: Any = None, status: str = "") -> str:
+        # Tune calls on_trial_complete/on_trial_error before it updates the trial's status
+        states = [status if t is ending else t.status for t in trials]
+        running = states.count("RUNNING")
+        failed = states.count("ERROR")
+        ended = [t for t, s in zip(trials, states) if s == "TERMINATED"]
         early = sum(t.last_result.get("training_iteration", 0) < self.max_epochs for t in ended)
         return (f"running {running}, stopped early {early}, done {len(ended) - early}, failed {failed} "
                 f"of {self.total}")
 
-    def _line(self, text: str, trials: list) -> None:
+    def _line(self, text: str, trials: list, ending: Any = None, status: str = "") -> None:
         best = f"best {self.metric} {self.best:.2f} ({self.best_trial})" if self.best is not None else "no result yet"
-        print(f"[{time.time() - self.t0:6.0f}s] {text} | {best} | {self._counts(trials)}", flush=True)
+        print(f"[{time.time() - self.t0:6.0f}s] {text} | {best} | {self._counts(trials, ending, status)}", flush=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         value = result.get(self.metric)
@@ -215,10 +222,10 @@ class StudyProgress(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         epochs = trial.last_result.get("training_iteration", 0)
         how = "finished" if epochs >= self.max_epochs else f"stopped early by ASHA after {epochs} epochs"
-        self._line(f"{trial.trial_id} {how}", trials)
+        self._line(f"{trial.trial_id} {how}", trials, trial, "TERMINATED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(f"{trial.trial_id} FAILED (see {trial.path})", trials)
+        self._line(f"{trial.trial_id} FAILED (see {trial.path})", trials, trial, "ERROR")
 
 
 def build_tuner(cfg: StudyConfig, trainable: Any, storage_filesystem: Any | None = None):
@@ -332,9 +339,9 @@ def run_study(
 
     started = not ray.is_initialized()
     if started and address:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=logging.WARNING)
     elif started:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
     try:
         if address:
             _cluster_checks(cfg)
@@ -349,8 +356,9 @@ def run_study(
              f"(experiment {cfg.tracking.experiment}, run {parent})")
         grid = tuner.fit()
         outcome.trials = summarize(cfg, grid, uri, experiment_id, parent)
-        outcome.interrupted = (len(grid) < cfg.trials or grid.num_terminated + grid.num_errors < len(grid)
-                               or any(t.status == "incomplete" for t in outcome.trials))
+        outcome.interrupted = len(grid) < cfg.trials or any(t.status == "incomplete" for t in outcome.trials)
+        tracking.settle_trial_runs(uri, experiment_id, parent, {
+            t.trial_id: ("killed" if t.status == "incomplete" else t.status, t.error) for t in outcome.trials})
         if outcome.interrupted:
             _end(uri, experiment_id, parent, "killed", "study interrupted; continue with s2study run --resume")
             echo(f"study interrupted; continue it with: s2study run {cfg.source} --resume")
@@ -379,7 +387,11 @@ def _end(uri: str, experiment_id: str, parent: str, status: str, reason: str | N
 
 
 def summarize(cfg: StudyConfig, grid: Any, uri: str, experiment_id: str, parent: str) -> list[TrialSummary]:
-    """Trials ranked by their best metric value (never-reported trials last)."""
+    """Trials ranked by their best metric value (never-reported trials last).
+
+    The status comes from Tune (the trial runs may not have ended yet): ``failed``,
+    ``finished``, ``stopped_early``, or ``incomplete`` for a study that was interrupted.
+    """
     runs = {r.data.tags.get(tracking.TAG_TRIAL): r for r in tracking.child_runs(uri, experiment_id, parent)}
     out = []
     for result in grid:
@@ -388,11 +400,12 @@ def summarize(cfg: StudyConfig, grid: Any, uri: str, experiment_id: str, parent:
         values = [] if df is None or cfg.metric not in df else [v for v in df[cfg.metric].tolist() if math.isfinite(v)]
         epochs = int(result.metrics.get("training_iteration") or 0)
         run = runs.get(trial_id)
-        tag = run.data.tags.get(tracking.TAG_STATUS) if run is not None else None
         if result.error is not None:
             status = "failed"
+        elif result.metrics.get("done"):  # Tune sets it when a trial ends: ASHA stop or last epoch
+            status = "finished" if epochs >= cfg.max_epochs else "stopped_early"
         else:
-            status = tag if tag in ("finished", "stopped_early", "failed") else "incomplete"
+            status = "incomplete"
         best = (max(values) if cfg.mode == "max" else min(values)) if values else None
         out.append(TrialSummary(
             trial_id=trial_id, name=run.info.run_name if run else trial_id, status=status, epochs=epochs,

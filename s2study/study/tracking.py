@@ -241,6 +241,34 @@ def close_running_children(uri: str, experiment_id: str, parent_run_id: str,
     return n
 
 
+def settle_trial_runs(uri: str, experiment_id: str, parent_run_id: str,
+                      final: dict[str, tuple[str, str | None]], wait_s: float = 20.0) -> int:
+    """After a study: end the trial runs still RUNNING with the status Tune reports.
+
+    A trial ends its own run in its ``finally`` block, possibly just after ``Tuner.fit``
+    returned, or never (a worker killed mid-write); trials known to have ended get ``wait_s``
+    seconds to do it themselves, then the driver ends what is left.
+
+    Args:
+        final: Tune trial id -> (``s2study.status``, failure reason); runs of unknown trials
+            end as ``killed``.
+
+    Returns:
+        How many runs the driver ended.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        running = [r for r in child_runs(uri, experiment_id, parent_run_id) if r.info.status == "RUNNING"]
+        ending = [r for r in running if final.get(r.data.tags.get(TAG_TRIAL), ("killed",))[0] != "killed"]
+        if not ending or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    for run in running:
+        status, reason = final.get(run.data.tags.get(TAG_TRIAL), ("killed", "study ended"))
+        finish_run(uri, run.info.run_id, status, reason)
+    return len(running)
+
+
 def _search(uri: str, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None):
     token = None
     while True:

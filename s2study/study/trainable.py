@@ -14,6 +14,7 @@ checkpoint Tune stored, and its MLflow run id comes back from that checkpoint's 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
 
     from s2study.train import train
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
     cfg = trial_config(settings.base, config, trial_name)
