@@ -42,7 +42,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,11 @@ REFERENCE_S: dict[str, tuple[float, float, str]] = {
     "extract_r2d2_multi_roadscene": (2.8, 2.8, "official R2D2 extract.py, multi-scale"),
     "extract_r2d2_single_rgbnir": (5.0, 5.0, "official R2D2 extract.py, single scale"),
     "extract_r2d2_multi_rgbnir": (16.3, 16.3, "official R2D2 extract.py, multi-scale"),
-    "mnn_4096": (0.26, 0.26, "cv2.BFMatcher crossCheck, N=4096 (same run there: torch 0.11 s, numpy 0.17 s)"),
+    "mnn_4096": (
+        0.26,
+        0.26,
+        "cv2.BFMatcher crossCheck, N=4096 (same run there: torch 0.11 s, numpy 0.17 s)",
+    ),
 }
 #: targets of the performance issue, as printed beside each result
 TARGETS: dict[str, str] = {
@@ -198,10 +202,16 @@ class Context:
     device: torch.device
     repeats: int | None
     timer: Timer
+    bf16: bool = False  # bf16 autocast for the batched S2 steps on CPU too (always on CUDA)
     _cache: dict[str, Any] = field(default_factory=dict)
 
-    def n(self, default: int) -> int:
-        return self.repeats or default
+    def n(self, cpu: int, gpu: int | None = None) -> int:
+        """Timed repeats: ``--repeats`` if given, else the benchmark's default for the device."""
+        return self.repeats or (gpu if gpu and self.device.type == "cuda" else cpu)
+
+    def warm(self, cpu: int) -> int:
+        """Warm-up runs: at least 3 on CUDA (allocator, cuDNN and autotuning settle)."""
+        return max(cpu, 3) if self.device.type == "cuda" else cpu
 
     def cached(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._cache:
@@ -233,7 +243,9 @@ def _entry(ctx: Context, samples: Samples, **extra: Any) -> dict[str, Any]:
     return {**samples.summary(), "device": str(ctx.device), **extra}
 
 
-def _with_baseline(ctx: Context, main: Samples, base: Samples, base_name: str, **extra: Any) -> dict[str, Any]:
+def _with_baseline(
+    ctx: Context, main: Samples, base: Samples, base_name: str, **extra: Any
+) -> dict[str, Any]:
     entry = _entry(ctx, main, **extra)
     entry["baseline"] = base_name
     entry["baseline_median_s"] = statistics.median(base.times)
@@ -250,15 +262,17 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _s2_step_variants(ctx: Context, preset: str) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
+def _s2_step_variants(
+    ctx: Context, preset: str
+) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
     """The batched S2 step and its three-pass baseline for ``preset``, on one model.
 
     Both variants build the same S2 batch (same samples, same generator seed for the same call
     count) with :func:`make_s2_batch`; the batched one then runs :func:`s2_loss` (one forward of
     SL + SSL-vis + SSL-ir), the baseline three forward/loss/backward passes, one per part,
     accumulating gradients; each ends with one Adam step. On CUDA the batched step runs under
-    bf16 autocast (as the trainer does) and the baseline in fp32; a batched fp32 variant is
-    timed too, to separate the two gains.
+    bf16 autocast (as the trainer does; on CPU too with ``--bf16``) and the baseline in fp32; a
+    batched fp32 variant (``<name>_fp32``) is then timed too, to separate the two gains.
     """
     from s2study.config.load import load_train_config
     from s2study.data.batch import make_s2_batch
@@ -268,7 +282,9 @@ def _s2_step_variants(ctx: Context, preset: str) -> tuple[dict[str, Callable[[],
     cfg = load_train_config(preset, [f"device={ctx.device.type}"])
     crop, lr, wd = method_defaults(cfg)
     method = build_model(cfg, ctx.device).train()
-    optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
+    optimizer = torch.optim.Adam(
+        [p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=wd
+    )
     samples = ctx.train_samples(preset, 4 * cfg.batch_size)
     lam, b = cfg.lambda_ssl, cfg.batch_size
     gen = torch.Generator(device=ctx.device)
@@ -281,8 +297,16 @@ def _s2_step_variants(ctx: Context, preset: str) -> tuple[dict[str, Callable[[],
             calls[0] += 1
             gen.manual_seed(1000 + i)
             chosen = [samples[(i * b + j) % len(samples)] for j in range(b)]
-            return make_s2_batch(chosen, crop, cfg.sl, cfg.ssl, ssl_vis=cfg.ssl_vis, ssl_ir=cfg.ssl_ir,
-                                 generator=gen, device=ctx.device)
+            return make_s2_batch(
+                chosen,
+                crop,
+                cfg.sl,
+                cfg.ssl,
+                ssl_vis=cfg.ssl_vis,
+                ssl_ir=cfg.ssl_ir,
+                generator=gen,
+                device=ctx.device,
+            )
 
         return make
 
@@ -308,34 +332,49 @@ def _s2_step_variants(ctx: Context, preset: str) -> tuple[dict[str, Callable[[],
             for name, part in active_parts(batch, lam).items():
                 n = part.stop - part.start
                 out = method(torch.cat([batch.images_a[part], batch.images_b[part]]))
-                loss = method.loss(out.select(slice(0, n)), out.select(slice(n, 2 * n)),
-                                   batch.flow[part], batch.valid[part])["total"]
+                loss = method.loss(
+                    out.select(slice(0, n)),
+                    out.select(slice(n, 2 * n)),
+                    batch.flow[part],
+                    batch.valid[part],
+                )["total"]
                 (loss if name == "sl" else lam * loss).backward()
             optimizer.step()
 
         return step
 
-    cuda = ctx.device.type == "cuda"
-    variants = {"batched": batched(amp=cuda), "three_pass": three_pass()}
-    if cuda:
+    amp = ctx.device.type == "cuda" or ctx.bf16
+    variants = {"batched": batched(amp=amp), "three_pass": three_pass()}
+    if amp:
         variants["batched_fp32"] = batched(amp=False)
-    info = {"batch_size": b, "crop": crop, "lambda_ssl": lam,
-            "precision": "bf16 autocast (batched), fp32 (3-pass)" if cuda else "fp32"}
+    info = {
+        "batch_size": b,
+        "crop": crop,
+        "lambda_ssl": lam,
+        "precision": "bf16 autocast (batched), fp32 (3-pass)" if amp else "fp32",
+    }
     return variants, info
 
 
-def _s2_step_benchmark(name: str, preset: str, repeats: int, warmup: int) -> Callable[[Context], Result]:
+def _s2_step_benchmark(
+    name: str, preset: str, repeats: int, gpu_repeats: int
+) -> Callable[[Context], Result]:
     def bench(ctx: Context) -> Result:
         variants, info = _s2_step_variants(ctx, preset)
-        runs = ctx.timer.interleaved(variants, ctx.n(repeats), warmup)
+        runs = ctx.timer.interleaved(variants, ctx.n(repeats, gpu_repeats), ctx.warm(1))
         base_name = f"{name}_3pass"
         out = {
             name: _with_baseline(ctx, runs["batched"], runs["three_pass"], base_name, **info),
             base_name: _entry(ctx, runs["three_pass"], **{**info, "precision": "fp32"}),
         }
         if "batched_fp32" in runs:
-            out[f"{name}_fp32"] = _with_baseline(ctx, runs["batched_fp32"], runs["three_pass"], base_name,
-                                                 **{**info, "precision": "fp32"})
+            out[f"{name}_fp32"] = _with_baseline(
+                ctx,
+                runs["batched_fp32"],
+                runs["three_pass"],
+                base_name,
+                **{**info, "precision": "fp32"},
+            )
         return out
 
     return bench
@@ -364,21 +403,42 @@ def bench_ssl_sample(ctx: Context) -> Result:
     def make(ssl: bool) -> Callable[[], None]:
         def run() -> None:
             gen.manual_seed(7)
-            make_s2_batch(samples, 192, cfg.sl, cfg.ssl, ssl_vis=ssl, ssl_ir=ssl, generator=gen, device=ctx.device)
+            make_s2_batch(
+                samples,
+                192,
+                cfg.sl,
+                cfg.ssl,
+                ssl_vis=ssl,
+                ssl_ir=ssl,
+                generator=gen,
+                device=ctx.device,
+            )
 
         return run
 
-    runs = ctx.timer.interleaved({"full": make(True), "sl_only": make(False)}, ctx.n(15), warmup=2)
+    runs = ctx.timer.interleaved(
+        {"full": make(True), "sl_only": make(False)}, ctx.n(15, 40), ctx.warm(2)
+    )
     per_ssl = 2 * SSL_BATCH
     diffs = [(f - s) / per_ssl for f, s in zip(runs["full"].times, runs["sl_only"].times)]
-    cpu_diffs = [(f - s) / per_ssl for f, s in zip(runs["full"].cpu_times, runs["sl_only"].cpu_times)]
-    return {"ssl_sample": {
-        "median_s": statistics.median(diffs), "min_s": min(diffs), "max_s": max(diffs),
-        "median_cpu_s": statistics.median(cpu_diffs), "repeats": len(diffs), "peak_rss_mb": round(runs["full"].peak_rss_mb, 1), "device": str(ctx.device),
-        "make_s2_batch_s": statistics.median(runs["full"].times),
-        "make_s2_batch_sl_only_s": statistics.median(runs["sl_only"].times),
-        "pairs_per_batch": SSL_BATCH, "crop": 192,
-    }}
+    cpu_diffs = [
+        (f - s) / per_ssl for f, s in zip(runs["full"].cpu_times, runs["sl_only"].cpu_times)
+    ]
+    return {
+        "ssl_sample": {
+            "median_s": statistics.median(diffs),
+            "min_s": min(diffs),
+            "max_s": max(diffs),
+            "median_cpu_s": statistics.median(cpu_diffs),
+            "repeats": len(diffs),
+            "peak_rss_mb": round(runs["full"].peak_rss_mb, 1),
+            "device": str(ctx.device),
+            "make_s2_batch_s": statistics.median(runs["full"].times),
+            "make_s2_batch_sl_only_s": statistics.median(runs["sl_only"].times),
+            "pairs_per_batch": SSL_BATCH,
+            "crop": 192,
+        }
+    }
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -388,14 +448,18 @@ def _roadscene_image(ctx: Context) -> np.ndarray:
     from s2study.config.schema import DataConfig
     from s2study.data.datasets import open_dataset
 
-    return ctx.cached("img:roadscene", lambda: open_dataset(DataConfig(dataset="roadscene"), "val")[0].image_a)
+    return ctx.cached(
+        "img:roadscene", lambda: open_dataset(DataConfig(dataset="roadscene"), "val")[0].image_a
+    )
 
 
 def _rgbnir_image(ctx: Context) -> np.ndarray:
     from s2study.data.datasets import read_image
     from s2study.paths import data_root
 
-    return ctx.cached("img:rgbnir", lambda: read_image(data_root("RGB-NIR") / "country" / "0000_rgb.jpg"))
+    return ctx.cached(
+        "img:rgbnir", lambda: read_image(data_root("RGB-NIR") / "country" / "0000_rgb.jpg")
+    )
 
 
 def _extract_benchmark(
@@ -407,10 +471,21 @@ def _extract_benchmark(
         extractor = load_extractor(ctx.weights(), device=ctx.device, multiscale=multiscale)
         img = image(ctx)
         found = []
-        runs = ctx.timer.interleaved({"x": lambda: found.append(len(extractor(img, 4096).keypoints))},
-                                     ctx.n(repeats), warmup=1)
-        return {name: _entry(ctx, runs["x"], image_hw=list(img.shape[:2]), max_keypoints=4096,
-                             keypoints=found[-1], multiscale=multiscale)}
+        runs = ctx.timer.interleaved(
+            {"x": lambda: found.append(len(extractor(img, 4096).keypoints))},
+            ctx.n(repeats, 10),
+            ctx.warm(1),
+        )
+        return {
+            name: _entry(
+                ctx,
+                runs["x"],
+                image_hw=list(img.shape[:2]),
+                max_keypoints=4096,
+                keypoints=found[-1],
+                multiscale=multiscale,
+            )
+        }
 
     return bench
 
@@ -425,7 +500,10 @@ def _mnn_benchmark(name: str, n: int, repeats: int) -> Callable[[Context], Resul
         from s2study.metrics import mutual_nearest_neighbours
 
         gen = torch.Generator().manual_seed(n)
-        a, b = (torch.nn.functional.normalize(torch.randn(n, 128, generator=gen), dim=1) for _ in range(2))
+        a, b = (
+            torch.nn.functional.normalize(torch.randn(n, 128, generator=gen), dim=1)
+            for _ in range(2)
+        )
         a_dev, b_dev = a.to(ctx.device), b.to(ctx.device)
         a_np, b_np = a.numpy(), b.numpy()
         matcher = cv2.BFMatcher(cv2.NORM_L2, crossCheck=True)
@@ -438,13 +516,17 @@ def _mnn_benchmark(name: str, n: int, repeats: int) -> Callable[[Context], Resul
         def run_cv2() -> None:
             theirs[0] = matcher.match(a_np, b_np)
 
-        runs = ctx.timer.interleaved({"ours": run_ours, "cv2": run_cv2}, ctx.n(repeats), warmup=1)
+        runs = ctx.timer.interleaved(
+            {"ours": run_ours, "cv2": run_cv2}, ctx.n(repeats, 20), ctx.warm(1)
+        )
         mine = {tuple(p) for p in ours[0].cpu().tolist()}
         cv = {(m.queryIdx, m.trainIdx) for m in theirs[0]}
         agree = len(mine & cv) / max(len(mine | cv), 1)
         base = f"{name}_cv2_bfmatcher"
         return {
-            name: _with_baseline(ctx, runs["ours"], runs["cv2"], base, matches=len(mine), agreement=round(agree, 4)),
+            name: _with_baseline(
+                ctx, runs["ours"], runs["cv2"], base, matches=len(mine), agreement=round(agree, 4)
+            ),
             base: {**_entry(ctx, runs["cv2"], matches=len(cv)), "device": "cpu"},
         }
 
@@ -483,17 +565,31 @@ def bench_eval_roadscene_val(ctx: Context) -> Result:
     def run() -> None:
         extractor = _TimedExtractor(load_extractor(ctx.weights(), device=ctx.device), ctx.device)
         timed.append(extractor)
-        evaluate([extractor], data, ks=(1024, 2048, 4096), cache_dir=None, progress=False,
-                 dataset_name="roadscene", split="val")
+        evaluate(
+            [extractor],
+            data,
+            ks=(1024, 2048, 4096),
+            cache_dir=None,
+            progress=False,
+            dataset_name="roadscene",
+            split="val",
+        )
 
     runs = ctx.timer.interleaved({"eval": run}, ctx.n(1), warmup=0)
     total = statistics.median(runs["eval"].times)
     extract_s = statistics.median(t.seconds for t in timed)
-    return {"eval_roadscene_val": _entry(
-        ctx, runs["eval"], pairs=len(data), per_pair_s=total / len(data),
-        extract_s=extract_s, extract_per_image_s=extract_s / max(timed[-1].calls, 1),
-        metrics_and_io_s=total - extract_s, ks=[1024, 2048, 4096],
-    )}
+    return {
+        "eval_roadscene_val": _entry(
+            ctx,
+            runs["eval"],
+            pairs=len(data),
+            per_pair_s=total / len(data),
+            extract_s=extract_s,
+            extract_per_image_s=extract_s / max(timed[-1].calls, 1),
+            metrics_and_io_s=total - extract_s,
+            ks=[1024, 2048, 4096],
+        )
+    }
 
 
 # ----------------------------------------------------------------------------- study overhead
@@ -525,9 +621,11 @@ def _study_tuner_factory(storage: str) -> tuple[Callable[[str, int], Any], str]:
         def make(name: str, trials: int):
             return build_tuner(dataclasses.replace(cfg, name=name, trials=trials), trainable)
 
-        return make, ("s2study.study.runner.build_tuner on search_spaces/smoke.yaml "
-                      f"(max_concurrent {cfg.max_concurrent}, {cfg.resources.cpu} CPU per trial) "
-                      "with a no-op trainable")
+        return make, (
+            "s2study.study.runner.build_tuner on search_spaces/smoke.yaml "
+            f"(max_concurrent {cfg.max_concurrent}, {cfg.resources.cpu} CPU per trial) "
+            "with a no-op trainable"
+        )
     except Exception as exc:  # noqa: BLE001 - any breakage of the runner falls back to plain Tune
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
@@ -535,12 +633,20 @@ def _study_tuner_factory(storage: str) -> tuple[Callable[[str, int], Any], str]:
         return tune.Tuner(
             tune.with_resources(_noop_trial, {"cpu": 1}),
             param_space={"x": tune.uniform(0, 1)},
-            tune_config=tune.TuneConfig(metric="val_ncm", mode="max", num_samples=trials,
-                                        max_concurrent_trials=2, reuse_actors=True),
+            tune_config=tune.TuneConfig(
+                metric="val_ncm",
+                mode="max",
+                num_samples=trials,
+                max_concurrent_trials=2,
+                reuse_actors=True,
+            ),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
         )
 
-    return make_plain, f"ray.tune.Tuner directly (reuse_actors=True, 2 concurrent); runner unusable: {reason}"
+    return (
+        make_plain,
+        f"ray.tune.Tuner directly (reuse_actors=True, 2 concurrent); runner unusable: {reason}",
+    )
 
 
 def bench_study_overhead(ctx: Context) -> Result:
@@ -554,19 +660,28 @@ def bench_study_overhead(ctx: Context) -> Result:
     try:
         import ray
     except ImportError as exc:
-        return {"study_overhead": {"skipped": f"ray is not installed here ({exc})", "device": str(ctx.device)}}
+        return {
+            "study_overhead": {
+                "skipped": f"ray is not installed here ({exc})",
+                "device": str(ctx.device),
+            }
+        }
     small, large = 2, 6
     with tempfile.TemporaryDirectory(prefix="s2study-bench-study-") as storage:
         if ray.is_initialized():
-            raise RuntimeError("Ray is already initialised in this process; the start-up cannot be timed")
+            raise RuntimeError(
+                "Ray is already initialised in this process; the start-up cannot be timed"
+            )
         t0 = time.perf_counter()
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
         startup = time.perf_counter() - t0
         try:
             make, which = _study_tuner_factory(storage)
             fits: dict[int, list[float]] = {small: [], large: []}
-            rounds = ctx.n(2)
-            order = [n for r in range(rounds) for n in ((small, large) if r % 2 == 0 else (large, small))]
+            rounds = ctx.n(3)
+            order = [
+                n for r in range(rounds) for n in ((small, large) if r % 2 == 0 else (large, small))
+            ]
             for i, trials in enumerate([small] + order):  # the first fit warms the workers up
                 tuner = make(f"overhead-{i}-{trials}", trials)
                 t0 = time.perf_counter()
@@ -580,13 +695,21 @@ def bench_study_overhead(ctx: Context) -> Result:
             ray.shutdown()
     per_trial = [(b - a) / (large - small) for a, b in zip(fits[small], fits[large])]
     t_small = statistics.median(fits[small])
-    return {"study_overhead": {
-        "median_s": statistics.median(per_trial), "min_s": min(per_trial), "max_s": max(per_trial),
-        "repeats": len(per_trial), "peak_rss_mb": round(_read_hwm_mb() or _maxrss_mb(), 1),
-        "device": "cpu", "startup_s": startup, "fit_fixed_s": t_small - small * statistics.median(per_trial),
-        f"fit_{small}_trials_s": t_small, f"fit_{large}_trials_s": statistics.median(fits[large]),
-        "tuner": which,
-    }}
+    return {
+        "study_overhead": {
+            "median_s": statistics.median(per_trial),
+            "min_s": min(per_trial),
+            "max_s": max(per_trial),
+            "repeats": len(per_trial),
+            "peak_rss_mb": round(_read_hwm_mb() or _maxrss_mb(), 1),
+            "device": "cpu",
+            "startup_s": startup,
+            "fit_fixed_s": t_small - small * statistics.median(per_trial),
+            f"fit_{small}_trials_s": t_small,
+            f"fit_{large}_trials_s": statistics.median(fits[large]),
+            "tuner": which,
+        }
+    }
 
 
 # ----------------------------------------------------------------------------- registry
@@ -600,17 +723,25 @@ class Benchmark:
 
 
 BENCHMARKS: dict[str, Benchmark] = {
-    "r2d2_s2_step": Benchmark(_s2_step_benchmark("r2d2_s2_step", "r2d2-roadscene", repeats=3, warmup=1)),
-    "d2net_s2_step": Benchmark(_s2_step_benchmark("d2net_s2_step", "d2net-roadscene", repeats=5, warmup=1)),
+    "r2d2_s2_step": Benchmark(
+        _s2_step_benchmark("r2d2_s2_step", "r2d2-roadscene", repeats=3, gpu_repeats=15)
+    ),
+    "d2net_s2_step": Benchmark(
+        _s2_step_benchmark("d2net_s2_step", "d2net-roadscene", repeats=5, gpu_repeats=20)
+    ),
     "ssl_sample": Benchmark(bench_ssl_sample),
     "extract_r2d2_single_roadscene": Benchmark(
-        _extract_benchmark("extract_r2d2_single_roadscene", _roadscene_image, False, repeats=5)),
+        _extract_benchmark("extract_r2d2_single_roadscene", _roadscene_image, False, repeats=5)
+    ),
     "extract_r2d2_multi_roadscene": Benchmark(
-        _extract_benchmark("extract_r2d2_multi_roadscene", _roadscene_image, True, repeats=3)),
+        _extract_benchmark("extract_r2d2_multi_roadscene", _roadscene_image, True, repeats=3)
+    ),
     "extract_r2d2_single_rgbnir": Benchmark(
-        _extract_benchmark("extract_r2d2_single_rgbnir", _rgbnir_image, False, repeats=3)),
+        _extract_benchmark("extract_r2d2_single_rgbnir", _rgbnir_image, False, repeats=3)
+    ),
     "extract_r2d2_multi_rgbnir": Benchmark(
-        _extract_benchmark("extract_r2d2_multi_rgbnir", _rgbnir_image, True, repeats=3)),
+        _extract_benchmark("extract_r2d2_multi_rgbnir", _rgbnir_image, True, repeats=2)
+    ),
     "mnn_4096": Benchmark(_mnn_benchmark("mnn_4096", 4096, repeats=7)),
     "mnn_8192": Benchmark(_mnn_benchmark("mnn_8192", 8192, repeats=5)),
     "eval_roadscene_val": Benchmark(bench_eval_roadscene_val),
@@ -627,23 +758,38 @@ def _fmt_s(seconds: float) -> str:
 def format_entry(name: str, e: dict[str, Any]) -> list[str]:
     """Printable lines of one result entry."""
     if "skipped" in e or "error" in e:
-        return [f"{name:32s} {'SKIPPED' if 'skipped' in e else 'FAILED'}: {e.get('skipped') or e.get('error')}"]
+        return [
+            f"{name:32s} {'SKIPPED' if 'skipped' in e else 'FAILED'}: {e.get('skipped') or e.get('error')}"
+        ]
     mem = f"peak RSS {e['peak_rss_mb']:.0f} MB"
     if "peak_gpu_mb" in e:
         mem += f", peak GPU {e['peak_gpu_mb']:.0f} MB"
-    lines = [f"{name:32s} median {_fmt_s(e['median_s'])}  [min {_fmt_s(e['min_s'])}, max {_fmt_s(e['max_s'])}]"
-             f"  n={e.get('repeats', 1)}  CPU time {_fmt_s(e['median_cpu_s'])}  {mem}"]
+    cpu = f"  CPU time {_fmt_s(e['median_cpu_s'])}" if "median_cpu_s" in e else ""
+    spread = f"[min {_fmt_s(e['min_s'])}, max {_fmt_s(e['max_s'])}]"
+    lines = [
+        f"{name:32s} median {_fmt_s(e['median_s'])}  {spread}  n={e.get('repeats', 1)}{cpu}  {mem}"
+    ]
     if "ratio" in e:
-        lines.append(f"{'':32s} same-run baseline {e['baseline']}: {_fmt_s(e['baseline_median_s'])}"
-                     f" -> ratio {e['ratio']:.3f}x (CPU-time ratio {e['cpu_ratio']:.3f}x)")
+        lines.append(
+            f"{'':32s} same-run baseline {e['baseline']}: {_fmt_s(e['baseline_median_s'])}"
+            f" -> ratio {e['ratio']:.3f}x (CPU-time ratio {e['cpu_ratio']:.3f}x)"
+        )
     if name in REFERENCE_S:
         lo, hi, what = REFERENCE_S[name]
         ref = _fmt_s(lo) if lo == hi else f"{_fmt_s(lo)}-{_fmt_s(hi)}"
-        span = f"{e['median_s'] / lo:.3f}x" if lo == hi else f"{e['median_s'] / hi:.3f}x-{e['median_s'] / lo:.3f}x"
-        lines.append(f"{'':32s} REFERENCE FIGURE (other run, idle machine; not a same-run ratio): {what} {ref};"
-                     f" indicative {span}")
+        span = (
+            f"{e['median_s'] / lo:.3f}x"
+            if lo == hi
+            else f"{e['median_s'] / hi:.3f}x-{e['median_s'] / lo:.3f}x"
+        )
+        lines.append(
+            f"{'':32s} REFERENCE FIGURE (other run, idle machine; not a same-run ratio): {what} {ref};"
+            f" indicative {span}"
+        )
     if name == "r2d2_s2_step":
-        lines.append(f"{'':32s} REFERENCE FIGURE: official S2 step peak RSS {REFERENCE_R2D2_PEAK_RSS_MB:.0f} MB")
+        lines.append(
+            f"{'':32s} REFERENCE FIGURE: official S2 step peak RSS {REFERENCE_R2D2_PEAK_RSS_MB:.0f} MB"
+        )
     for key in ("per_pair_s", "extract_per_image_s", "startup_s", "fit_fixed_s", "tuner"):
         if key in e:
             value = _fmt_s(e[key]) if isinstance(e[key], float) else e[key]
@@ -655,7 +801,7 @@ def format_entry(name: str, e: dict[str, Any]) -> list[str]:
 
 def _meta(device: torch.device, argv: list[str], load_start: tuple[float, ...]) -> dict[str, Any]:
     meta = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/run.py", *argv]),
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
@@ -674,14 +820,37 @@ def _meta(device: torch.device, argv: list[str], load_start: tuple[float, ...]) 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="s2study performance benchmarks (medians, same-run baselines, reference figures).",
-        epilog="Default set: " + ", ".join(n for n, b in BENCHMARKS.items() if b.default)
-        + ". Optional: " + ", ".join(n for n, b in BENCHMARKS.items() if not b.default) + ".",
+        epilog="Default set: "
+        + ", ".join(n for n, b in BENCHMARKS.items() if b.default)
+        + ". Optional: "
+        + ", ".join(n for n, b in BENCHMARKS.items() if not b.default)
+        + ".",
     )
-    p.add_argument("--only", nargs="+", metavar="NAME", choices=list(BENCHMARKS),
-                   help="run only these benchmarks (optional ones included)")
-    p.add_argument("--repeats", type=int, metavar="N", help="timed repeats of every benchmark (default: per benchmark)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device of the networks and matching")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        choices=list(BENCHMARKS),
+        help="run only these benchmarks (optional ones included)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        metavar="N",
+        help="timed repeats of every benchmark (default: per benchmark)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="device of the networks and matching",
+    )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="on CPU too, run the batched S2 steps under bf16 autocast (fast on CPUs with AMX)",
+    )
     args = p.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -696,10 +865,13 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     names = args.only or [n for n, b in BENCHMARKS.items() if b.default]
     load_start = os.getloadavg()
-    ctx = Context(device=device, repeats=args.repeats, timer=Timer(device))
-    print(f"s2study benchmarks on {device} ({os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads); load average {load_start[0]:.2f} {load_start[1]:.2f} "
-          f"{load_start[2]:.2f}", flush=True)
+    ctx = Context(device=device, repeats=args.repeats, timer=Timer(device), bf16=args.bf16)
+    print(
+        f"s2study benchmarks on {device} ({os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads); load average {load_start[0]:.2f} {load_start[1]:.2f} "
+        f"{load_start[2]:.2f}",
+        flush=True,
+    )
     if not ctx.timer.hwm_resettable:
         print("note: peak RSS is the process peak since start (VmHWM cannot be reset here)")
     results: dict[str, Any] = {}
@@ -710,15 +882,23 @@ def main(argv: list[str] | None = None) -> int:
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
         if missing:
-            out: Result = {name: {"skipped": f"needs {', '.join(missing)} (not installed here)",
-                                  "device": str(device)}}
+            out: Result = {
+                name: {
+                    "skipped": f"needs {', '.join(missing)} (not installed here)",
+                    "device": str(device),
+                }
+            }
         else:
             try:
                 out = bench.run(ctx)
             except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others
                 traceback.print_exc()
-                out = {name: {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
-                              "device": str(device)}}
+                out = {
+                    name: {
+                        "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+                        "device": str(device),
+                    }
+                }
                 failed = True
         for key, entry in out.items():
             entry.setdefault("load_avg_1min", round(load, 2))

@@ -71,14 +71,20 @@ def flow_from_homography(
         ``flow`` (H_a, W_a, 2) or (B, H_a, W_a, 2) and ``valid`` of the same shape without
         the last axis (True where the pixel lands inside B).
     """
-    grid = pixel_grid(*shape_a, device=homography.device, dtype=torch.float32)
-    flat = grid.reshape(-1, 2)
-    if homography.dim() == 3:
-        flat = flat.expand(homography.shape[0], -1, -1)
-    mapped = warp_points(homography.to(torch.float32), flat)
-    flow = mapped.reshape(*homography.shape[:-2], *shape_a, 2)
-    valid = inside_mask(flow, *shape_b)
-    return torch.nan_to_num(flow, posinf=-1e6, neginf=-1e6), valid
+    h = homography.to(torch.float32)
+    batched = h.dim() == 3
+    h = h.reshape(-1, 3, 3)[:, :, :, None, None]  # (B, 3, 3, 1, 1): broadcast over the grid
+    ys = torch.arange(shape_a[0], device=h.device, dtype=torch.float32)[:, None]
+    xs = torch.arange(shape_a[1], device=h.device, dtype=torch.float32)[None, :]
+    num_x = h[:, 0, 0] * xs + h[:, 0, 1] * ys + h[:, 0, 2]
+    num_y = h[:, 1, 0] * xs + h[:, 1, 1] * ys + h[:, 1, 2]
+    w = h[:, 2, 0] * xs + h[:, 2, 1] * ys + h[:, 2, 2]
+    at_infinity = w.abs() < 1e-12
+    w = torch.where(at_infinity, torch.ones_like(w), w)
+    flow = torch.stack([num_x / w, num_y / w], dim=-1)
+    flow = torch.where(at_infinity[..., None], torch.full_like(flow, -1e6), flow)
+    valid = inside_mask(flow, *shape_b) & ~at_infinity
+    return (flow, valid) if batched else (flow[0], valid[0])
 
 
 def identity_flow(height: int, width: int, device=None) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ from a checkpoint continues exactly as the uninterrupted run would have (on CPU)
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import random
@@ -135,7 +136,8 @@ def train(
 
     Args:
         cfg: a validated :class:`TrainConfig`.
-        out_dir: where ``last.pt`` and ``best.pt`` go (a temporary folder when None).
+        out_dir: where ``last.pt``, ``best.pt`` and ``history.json`` (metrics per epoch) go
+            (a temporary folder when None).
         report: called after every epoch with the epoch's metrics and the checkpoint path.
         resume_from: a checkpoint written by ``train``: weights, optimiser and epoch resume.
         extra: stored in every checkpoint under ``"extra"`` (e.g. an MLflow run id).
@@ -151,7 +153,7 @@ def train(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from s2study.checkpoint import load_checkpoint, save_checkpoint
+    from s2study.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
     from s2study.data.batch import make_s2_batch
     from s2study.data.datasets import open_dataset
     from s2study.s2loss import s2_loss
@@ -178,6 +180,8 @@ def train(
         history = list(state.get("history", []))
         log.info("resumed from %s at epoch %d", resume_from, start_epoch)
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its kernels
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -267,6 +271,7 @@ def train(
         }
         if improved:
             save_checkpoint(best_path, payload)
+        atomic_write_bytes(out / "history.json", lambda f: f.write(json.dumps(history, indent=1).encode()))
         save_checkpoint(last_path, {**payload, "optimizer": optimizer.state_dict()})
         if progress:
             print(

@@ -92,8 +92,8 @@ class Study:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Study:
     folder = tmp_path_factory.mktemp("smoke")
-    proc = subprocess.run(_command(folder), cwd=folder, env=_env(), capture_output=True, text=True,
-                          timeout=STUDY_TIMEOUT)
+    proc = subprocess.run(_command(folder), cwd=folder, env=_env(), check=False, capture_output=True,
+                          text=True, timeout=STUDY_TIMEOUT)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     return Study(folder, f"sqlite:///{folder / 'mlflow.db'}", output)
@@ -174,7 +174,7 @@ def test_best_trial_has_its_checkpoint_evaluation_and_cmr_plot(smoke, tmp_path):
 
 def _report(study: Study) -> str:
     proc = subprocess.run([sys.executable, "-m", "s2study", "report", "smoke", "--tracking-uri", study.uri],
-                          capture_output=True, text=True, env=_env(), timeout=300)
+                          check=False, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
@@ -295,8 +295,8 @@ def test_resume_after_killing_the_driver(tmp_path):
     before = {r.data.tags["s2study.trial_id"]: r for r in study.children()}
     histories_before = {tid: _history_steps(study.client, before[tid].info.run_id, "val_ncm") for tid in settled}
 
-    resumed = subprocess.run(_command(tmp_path, "--resume"), cwd=tmp_path, env=_env(), capture_output=True,
-                             text=True, timeout=STUDY_TIMEOUT)
+    resumed = subprocess.run(_command(tmp_path, "--resume"), cwd=tmp_path, env=_env(), check=False,
+                             capture_output=True, text=True, timeout=STUDY_TIMEOUT)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-4000:]
     assert "resuming study smoke" in output
@@ -306,7 +306,11 @@ def test_resume_after_killing_the_driver(tmp_path):
     runs = study.children()
     trial_ids = [r.data.tags["s2study.trial_id"] for r in runs]
     assert len(trial_ids) == len(set(trial_ids)) == TRIALS
-    assert set(before) <= set(trial_ids)
+    assert set(settled) <= set(trial_ids)
+    for trial_id, run in before.items():  # a trial started after Tune's last snapshot is lost
+        if trial_id not in trial_ids:
+            assert study.client.get_run(run.info.run_id).info.lifecycle_stage == "deleted"
+            assert "lost when the driver died" in output
     for run in runs:
         assert run.info.run_id == before.get(run.data.tags["s2study.trial_id"], run).info.run_id
         steps = _history_steps(study.client, run.info.run_id, "val_ncm")

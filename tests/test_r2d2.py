@@ -70,13 +70,18 @@ def rotation_homography(size: int, degrees: float, scale: float, shift=(0.0, 0.0
     return h
 
 
-def homography_pair(roadscene: Path, pair_id: str, x0: int, y0: int, size: int, h: np.ndarray):
-    """A = visible crop, B = the infrared crop warped by ``h``; flow and valid from ``h``."""
-    vis = read_rgb(roadscene, "crop_LR_visible", pair_id)[y0 : y0 + size, x0 : x0 + size]
-    ir = read_rgb(roadscene, "cropinfrared", pair_id)[y0 : y0 + size, x0 : x0 + size]
-    warped = cv2.warpPerspective(ir, h, (size, size), flags=cv2.INTER_LINEAR)
+def homography_pair(
+    roadscene: Path, pair_id: str, x0: int, y0: int, size: int, h: np.ndarray,
+    folders: tuple[str, str] = ("crop_LR_visible", "cropinfrared"),
+):
+    """A = crop of ``folders[0]``, B = the same crop of ``folders[1]`` warped by ``h``.
+
+    Returns images (1, 3, size, size) and the flow A -> B (1, size, size, 2) and valid mask.
+    """
+    crop_a, crop_b = (read_rgb(roadscene, f, pair_id)[y0 : y0 + size, x0 : x0 + size] for f in folders)
+    warped = cv2.warpPerspective(crop_b, h, (size, size), flags=cv2.INTER_LINEAR)
     flow, valid = flow_from_homography(torch.from_numpy(h).float(), (size, size), (size, size))
-    return to_tensor(vis), to_tensor(warped), flow[None], valid[None]
+    return to_tensor(crop_a), to_tensor(warped), flow[None], valid[None]
 
 
 def mutual_nn_correct(kp_a, kp_b, threshold: float = 3.0) -> int:
@@ -328,21 +333,31 @@ def test_loss_without_correspondences_is_finite_and_zero(roadscene):
 
 
 def test_official_weights_score_the_true_alignment_better(roadscene, official_net):
-    """Same crops, true flow vs a flow 12 px off: the AP and cosim losses must rise."""
+    """Real crops warped by a known homography: the true flow vs the same flow 12 px off.
+
+    Same-modality pairs (visible -> warped visible, infrared -> warped infrared): the
+    off-the-shelf network has no cross-modal skill to speak of (its mean AP on visible ->
+    infrared crops is about 0.05 whatever the flow), which is what S2 training is for.
+    """
     size, crops = 96, [(180, 100), (300, 160), (60, 200)]
     h = rotation_homography(size, degrees=8.0, scale=1.05)
-    pairs = [homography_pair(roadscene, TRAIN_ID, x, y, size, h) for x, y in crops]
+    pairs = [
+        homography_pair(roadscene, TRAIN_ID, x, y, size, h, (folder, folder))
+        for folder in ("crop_LR_visible", "cropinfrared")
+        for x, y in crops
+    ]
     img_a, img_b, flow, valid = (torch.cat(t) for t in zip(*pairs))
-    out = official_net(torch.cat([img_a, img_b]))
-    out_a, out_b = out.select(slice(0, 3)), out.select(slice(3, 6))
-    wrong = flow + torch.tensor([12.0, 0.0])
+    with torch.no_grad():
+        out = official_net(torch.cat([img_a, img_b]))
+    out_a, out_b = out.select(slice(0, 6)), out.select(slice(6, 12))
     torch.manual_seed(0)
-    right_parts = official_net.loss(out_a, out_b, flow, valid)
+    right = official_net.loss(out_a, out_b, flow, valid)
     torch.manual_seed(0)
-    wrong_parts = official_net.loss(out_a, out_b, wrong, valid)
-    assert right_parts["ap"] < wrong_parts["ap"] - 0.05
-    assert right_parts["cosim"] < wrong_parts["cosim"]
-    assert right_parts["total"] < wrong_parts["total"]
+    wrong = official_net.loss(out_a, out_b, flow + torch.tensor([12.0, 0.0]), valid)
+    assert right["mean_ap"] > 0.8 and wrong["mean_ap"] < 0.3
+    assert right["ap"] < wrong["ap"] - 0.3
+    assert right["cosim"] < wrong["cosim"] - 0.1
+    assert right["total"] < wrong["total"]
 
 
 # ------------------------------------------------------------------ extraction
@@ -381,13 +396,15 @@ def test_extract_single_scale_is_the_official_nms(roadscene, official_net):
     assert torch.allclose(kp.descriptors, out.descriptors[0, :, y, x].t(), atol=1e-6)
 
 
-def test_extract_multiscale_merges_scales_in_input_pixels(roadscene, official_net):
-    image = to_tensor(read_rgb(roadscene, "crop_LR_visible", TRAIN_ID)[20:300, 50:370])
-    single = official_net.extract(image, 10_000)
-    multi = official_net.extract(image, 500, multiscale=True)
-    assert 0 < len(multi) <= 500 and torch.all(multi.scores[:-1] >= multi.scores[1:])
+def test_extract_multiscale_merges_scales_in_input_pixels(roadscene, official_path):
+    net = R2D2.from_official_checkpoint(official_path, min_size=128).eval()  # 3 scales, cheaply
+    image = to_tensor(read_rgb(roadscene, "crop_LR_visible", TRAIN_ID)[60:220, 100:300])
+    assert [use for *_, use in pyramid_sizes(160, 200, min_size=128)] == [True] * 3
+    single = net.extract(image, 10_000)
+    multi = net.extract(image, 300, multiscale=True)
+    assert 0 < len(multi) <= 300 and torch.all(multi.scores[:-1] >= multi.scores[1:])
     xy = multi.xy
-    assert ((xy >= -0.5) & (xy <= torch.tensor([319.5, 279.5]))).all()
+    assert ((xy >= -0.5) & (xy <= torch.tensor([199.5, 159.5]))).all()
     assert torch.allclose(multi.descriptors.norm(dim=1), torch.ones(len(multi)), atol=1e-5)
     # keypoints from the reduced scales are off the integer grid; scale 1 gives the rest
     off_grid = (xy - xy.round()).abs().sum(1) > 1e-4
@@ -398,14 +415,27 @@ def test_extract_multiscale_merges_scales_in_input_pixels(roadscene, official_ne
 
 @pytest.mark.slow
 def test_pretrained_matches_a_val_pair_far_better_than_random(roadscene, official_net):
+    """NCM (mutual NN within 3 px, identity ground truth) of the top-1024 keypoints.
+
+    Random weights pass none of the official 0.7 thresholds (NCM 0), so they are also
+    compared without thresholds, the harder baseline: random convolutions still match some
+    edges of an aligned pair.
+    """
     vis = to_tensor(read_rgb(roadscene, "crop_LR_visible", VAL_ID))
     ir = to_tensor(read_rgb(roadscene, "cropinfrared", VAL_ID))
     k = 1024
     pretrained = mutual_nn_correct(official_net.extract(vis, k), official_net.extract(ir, k))
     torch.manual_seed(0)
-    random_net = R2D2(reliability_thr=0.0, repeatability_thr=0.0).eval()
-    kp_vis, kp_ir = random_net.extract(vis, k), random_net.extract(ir, k)
-    assert len(kp_vis) == len(kp_ir) == k  # thresholds off: the random net gets its K too
-    random = mutual_nn_correct(kp_vis, kp_ir)
-    print(f"NCM@3px K={k} on {VAL_ID}: pretrained {pretrained}, random weights {random}")
-    assert pretrained >= 20 and pretrained >= 4 * max(random, 1)
+    thresholded = R2D2().eval()
+    random_official = mutual_nn_correct(thresholded.extract(vis, k), thresholded.extract(ir, k))
+    random_free = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = R2D2(reliability_thr=0.0, repeatability_thr=0.0).eval()
+        kp_vis, kp_ir = net.extract(vis, k), net.extract(ir, k)
+        assert len(kp_vis) == len(kp_ir) == k
+        random_free.append(mutual_nn_correct(kp_vis, kp_ir))
+    print(f"NCM@3px K={k} on {VAL_ID}: pretrained {pretrained}, random weights {random_official} "
+          f"(official thresholds), {random_free} (no thresholds, seeds 0-2)")
+    assert pretrained >= 40 and random_official * 4 <= pretrained
+    assert pretrained >= 2 * sum(random_free) / len(random_free)

@@ -214,7 +214,7 @@ def test_cli_impossible_resources_exit_2_and_start_nothing(tmp_path):
     path = _write(tmp_path, {"base": "r2d2-roadscene", "resources": {"cpu": 1000, "gpu": 64},
                              "space": {"lambda_ssl": {"type": "float", "low": 0, "high": 1}}})
     proc = subprocess.run([sys.executable, "-m", "s2study", "run", str(path)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "resources: {cpu: 1000, gpu: 64} per trial cannot be met" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -90,7 +90,7 @@ def test_experiment_artifacts_live_beside_the_database(store):
 
 @pytest.mark.slow
 def test_trial_run_is_a_tagged_child_with_epoch_steps(store, tmp_path):
-    uri, exp, parent, _ = store
+    uri, _, parent, _ = store
     run = _open(store, "aaaa_00000")
     improved = [run.log_epoch({"epoch": e, "val_ncm": v, "loss/total": 1.0 / e}, e)
                 for e, v in ((1, 10.0), (2, 14.0), (3, 12.0))]
@@ -163,3 +163,15 @@ def test_settle_ends_runs_left_running_with_the_status_tune_reports(store):
         "FINISHED", "stopped_early")
     assert (c.get_run(lost.run_id).info.status, c.get_run(lost.run_id).data.tags["s2study.status"]) == (
         "KILLED", "killed")
+
+
+@pytest.mark.slow
+def test_runs_of_trials_tune_never_recorded_are_dropped(store):
+    uri, exp, _, _ = store
+    parent = tracking.start_study_run(uri, exp, "unit-study", {})
+    kept, lost = (tracking.TrialRun.open(uri, exp, parent, tid, tid, {}, "val_ncm", "max")
+                  for tid in ("gggg_00000", "gggg_00001"))
+    assert tracking.drop_orphan_runs(uri, exp, parent, {"gggg_00000"}) == 1
+    assert [r.info.run_id for r in tracking.child_runs(uri, exp, parent)] == [kept.run_id]
+    deleted = tracking.client(uri).get_run(lost.run_id)
+    assert deleted.info.lifecycle_stage == "deleted" and deleted.info.status == "KILLED"

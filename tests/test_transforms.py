@@ -9,11 +9,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from kornia.geometry.transform import warp_perspective
+from kornia.geometry.transform import get_perspective_transform, warp_perspective
 
 from s2study.config.schema import SLAugmentConfig, SSLAugmentConfig
 from s2study.data.transforms import (
     blur,
+    corner_jitter,
     flip_matrices,
     photometric_sl,
     photometric_ssl,
@@ -120,6 +121,17 @@ def test_ssl_magnitudes_follow_config():
     moved = warp_points(random_ssl_homographies(100, H, W, quad, gen), corners.expand(100, 4, 2))
     shift = (moved - corners).abs() / torch.tensor([W - 1, H - 1])
     assert shift.max() <= 0.1 + 1e-4 and shift.max() > 0.09
+
+
+def test_corner_jitter_matches_kornia_solve():
+    gen = torch.Generator().manual_seed(5)
+    jitter = (torch.rand(20, 4, 2, generator=gen) - 0.5) * 0.8
+    hs = corner_jitter(jitter, torch.full((20,), float(H)), torch.full((20,), float(W)))
+    corners = torch.tensor([[0.0, 0.0], [W - 1, 0], [W - 1, H - 1], [0, H - 1]]).expand(20, 4, 2)
+    moved = corners + jitter * torch.tensor([W - 1.0, H - 1.0])
+    assert close(warp_points(hs, corners), moved, atol=1e-3)
+    ref = get_perspective_transform(corners, moved)
+    assert close(hs / hs[:, 2:, 2:], ref / ref[:, 2:, 2:], atol=1e-4)
 
 
 def test_sl_rot90_and_flips():

@@ -8,9 +8,10 @@ Every pair is described by its source images, the ground truth ``H0`` between th
 dataset's homography for SL, identity for SSL) and one pre-crop transform per side
 (``Pa``: a flip for SL, identity for SSL; ``Pb``: flip + offset for SL, ``Ts.Tr.Tq`` for SSL).
 A crop centre ``c`` is drawn in image A (the best of a few random candidates by share of valid
-correspondences); crop A is centred on ``Pa c`` and crop B on ``Pb H0 c``. Each crop is a single
-``warp_perspective`` of the source with the composed matrix ``M = K . P`` (``K`` the crop
-translation), and the ground truth is the crop-to-crop homography ``Mb H0 Ma^-1`` as a flow.
+correspondences); crop A is centred on ``Pa c`` and crop B on ``Pb H0 c``. Each crop is one
+bilinear sample of its source image through the composed matrix ``M = K . P`` (``K`` the crop
+translation; one batched ``warp_perspective`` per side, no intermediate full-size warped
+image), and the ground truth is the crop-to-crop homography ``Mb H0 Ma^-1`` as a flow.
 Pixels whose correspondence falls outside crop B, or outside the real extent of either source
 image (zero padding), are invalid.
 """
@@ -199,35 +200,38 @@ def make_s2_batch(
     """
     b = len(samples)
     canvas, size_a, size_b, h0_sl = _upload(samples, device)
-    eye = torch.eye(3, device=canvas.device).expand(b, 3, 3)
-    flipped = torch.rand(b, generator=generator, device=generator.device).to(canvas.device)
+    dev = canvas.device
+    flipped = torch.rand(b, generator=generator, device=generator.device).to(dev)
     flipped = flipped < sl.flip_prob  # the whole SL pair is flipped
     flip, flip_b = flip_matrices(flipped, size_a[:, 1]), flip_matrices(flipped, size_b[:, 1])
-    offset = random_sl_offsets(b, size_b[:, 0], size_b[:, 1], sl, generator, canvas.device)
-    vis, ir = canvas[:b], canvas[b:]  # views: each part warps its own sources, no copies
-    # per part: (name, source A, source B, H0, Pa, Pb, size A, size B)
-    parts = [("sl", vis, ir, h0_sl, flip, offset @ flip_b, size_a, size_b)]
-    if ssl_vis:
-        t = random_ssl_homographies(b, size_a[:, 0], size_a[:, 1], ssl, generator, canvas.device)
-        parts.append(("ssl_vis", vis, vis, eye, eye, t, size_a, size_a))
-    if ssl_ir:
-        t = random_ssl_homographies(b, size_b[:, 0], size_b[:, 1], ssl, generator, canvas.device)
-        parts.append(("ssl_ir", ir, ir, eye, eye, t, size_b, size_b))
-    h0, pa, pb, sa, sb = (torch.cat(x) for x in list(zip(*parts))[3:])
+    offset = random_sl_offsets(b, size_b[:, 0], size_b[:, 1], sl, generator, dev)
+
+    # SL pairs take A from the visible and B from the infrared images (canvas 0..B-1 and
+    # B..2B-1); each SSL pair takes both from one image, with H0 = Pa = identity.
+    vis, ir = torch.arange(b, device=dev), torch.arange(b, 2 * b, device=dev)
+    enabled = (("ssl_vis", vis, ssl_vis), ("ssl_ir", ir, ssl_ir))
+    ssl_parts = [(name, src) for name, src, on in enabled if on]
+    ssl_src = torch.cat([src for _, src in ssl_parts]) if ssl_parts else vis[:0]
+    sizes = torch.cat([size_a, size_b])  # (2B, 2) per canvas image
+    n_ssl = len(ssl_src)
+    t = random_ssl_homographies(n_ssl, sizes[ssl_src, 0], sizes[ssl_src, 1], ssl, generator, dev)
+    eye = torch.eye(3, device=dev).expand(n_ssl, 3, 3)
+    src_a, src_b = torch.cat([vis, ssl_src]), torch.cat([ir, ssl_src])
+    h0, pa, pb = torch.cat([h0_sl, eye]), torch.cat([flip, eye]), torch.cat([offset @ flip_b, t])
+    sa, sb = sizes[src_a], sizes[src_b]
 
     centre = _best_centres(pa, pb, h0, sa, sb, crop, generator)
     ma, mb, g = _crop_matrices(pa, pb, h0, centre, crop)
-    images_a = torch.cat([warp_perspective(p[1], m, (crop, crop), align_corners=True)
-                          for p, m in zip(parts, ma.split(b))])
-    images_b = torch.cat([warp_perspective(p[2], m, (crop, crop), align_corners=True)
-                          for p, m in zip(parts, mb.split(b))])
+    images_a = warp_perspective(canvas[src_a], ma, (crop, crop), align_corners=True)
+    images_b = warp_perspective(canvas[src_b], mb, (crop, crop), align_corners=True)
     flow, valid = flow_from_homography(g, (crop, crop), (crop, crop))
     crop_to_a = _inverse(ma)
     valid &= _inside(_map_grid(crop_to_a, crop), sa) & _inside(_map_grid(h0 @ crop_to_a, crop), sb)
 
     images_a[:b], images_b[:b] = photometric_sl(
         torch.cat([images_a[:b], images_b[:b]]), sl, generator).split(b)
-    if len(parts) > 1:
+    if n_ssl:
         images_b[b:] = photometric_ssl(images_b[b:], ssl, generator)
-    slices = {name: slice(i * b, (i + 1) * b) for i, (name, *_) in enumerate(parts)}
+    names = ["sl"] + [name for name, _ in ssl_parts]
+    slices = {name: slice(i * b, (i + 1) * b) for i, name in enumerate(names)}
     return S2Batch(images_a, images_b, flow, valid, slices)

@@ -12,7 +12,12 @@ Homographies map pixel coordinates of the source image to the transformed image 
 centres at integers, the :mod:`s2study.geometry` convention), so
 ``kornia.geometry.transform.warp_perspective(image, H, dsize)`` renders the transformed image.
 Every random number comes from the given ``torch.Generator`` (drawn on the generator's device,
-then moved), so a seed gives the same transforms on any device.
+then moved), so a generator state gives the same transforms whichever device they go to.
+
+Pure torch, no host-device syncs and few kernels: kornia's ``gaussian_blur2d`` checks a
+per-image sigma on the host and its ``get_perspective_transform`` solves a linear system in
+about 120 small kernels, so the blur and the corner homography are closed forms here (the
+tests compare them with OpenCV and kornia).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from kornia.geometry.transform import get_perspective_transform
 from torch import Tensor
 
 from s2study.config.schema import SLAugmentConfig, SSLAugmentConfig
@@ -39,6 +43,13 @@ def _lerp(lo: float, hi: float, u: Tensor) -> Tensor:
     return lo + (hi - lo) * u
 
 
+def _matrices(rows: list[list[Tensor | float]], like: Tensor) -> Tensor:
+    """(n, 3, 3) from 3x3 nested lists of (n,) tensors or the constants 0 and 1, one stack."""
+    const = {0.0: torch.zeros_like(like), 1.0: torch.ones_like(like)}
+    entries = [e if isinstance(e, Tensor) else const[e] for r in rows for e in r]
+    return torch.stack(entries, -1).view(-1, 3, 3)
+
+
 def similarity_about(center: Tensor, angle: Tensor, scale: Tensor) -> Tensor:
     """Rotation and isotropic scale about a centre, as homographies.
 
@@ -52,11 +63,32 @@ def similarity_about(center: Tensor, angle: Tensor, scale: Tensor) -> Tensor:
     """
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     cx, cy = center.unbind(-1)
-    m = torch.zeros(center.shape[0], 3, 3, device=center.device, dtype=center.dtype)
-    m[:, 0, 0], m[:, 0, 1], m[:, 0, 2] = cos, -sin, cx - cos * cx + sin * cy
-    m[:, 1, 0], m[:, 1, 1], m[:, 1, 2] = sin, cos, cy - sin * cx - cos * cy
-    m[:, 2, 2] = 1
-    return m
+    return _matrices([[cos, -sin, cx - cos * cx + sin * cy],
+                      [sin, cos, cy - sin * cx - cos * cy],
+                      [0.0, 0.0, 1.0]], cos)
+
+
+def square_to_quad(quad: Tensor) -> Tensor:
+    """Homographies mapping the unit square onto quadrilaterals, in closed form.
+
+    The projective square-to-quadrilateral mapping (Heckbert, "Fundamentals of Texture
+    Mapping", 1989): no linear solve, so no device sync and few kernels.
+
+    Args:
+        quad: (n, 4, 2) images of the corners (0, 0), (1, 0), (1, 1), (0, 1).
+
+    Returns:
+        (n, 3, 3) homographies.
+    """
+    (x0, x1, x2, x3), (y0, y1, y2, y3) = quad[..., 0].unbind(1), quad[..., 1].unbind(1)
+    sx, sy = x0 - x1 + x2 - x3, y0 - y1 + y2 - y3
+    dx1, dx2, dy1, dy2 = x1 - x2, x3 - x2, y1 - y2, y3 - y2
+    den = dx1 * dy2 - dx2 * dy1
+    g = (sx * dy2 - dx2 * sy) / den
+    h = (dx1 * sy - sx * dy1) / den
+    return _matrices([[x1 - x0 + g * x1, x3 - x0 + h * x3, x0],
+                      [y1 - y0 + g * y1, y3 - y0 + h * y3, y0],
+                      [g, h, 1.0]], x0)
 
 
 def corner_jitter(jitter: Tensor, height: Tensor, width: Tensor) -> Tensor:
@@ -69,16 +101,14 @@ def corner_jitter(jitter: Tensor, height: Tensor, width: Tensor) -> Tensor:
         width: (n,) image widths.
 
     Returns:
-        (n, 3, 3) homographies.
+        (n, 3, 3) homographies taking the corner ``(0, 0)`` to ``jitter[:, 0] * size`` etc.
     """
+    unit = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], device=jitter.device)
     w, h = width - 1, height - 1
-    zero = torch.zeros_like(w)
-    corners = torch.stack(
-        [torch.stack([zero, zero], -1), torch.stack([w, zero], -1),
-         torch.stack([w, h], -1), torch.stack([zero, h], -1)], dim=1
-    )
-    moved = corners + jitter * torch.stack([w, h], -1)[:, None]
-    return get_perspective_transform(corners, moved)
+    one, zero = torch.ones_like(w), torch.zeros_like(w)
+    to_unit = _matrices([[1 / w, zero, zero], [zero, 1 / h, zero], [zero, zero, one]], w)
+    from_unit = _matrices([[w, zero, zero], [zero, h, zero], [zero, zero, one]], w)
+    return from_unit @ square_to_quad(unit + jitter) @ to_unit
 
 
 def random_ssl_homographies(

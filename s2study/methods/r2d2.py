@@ -456,7 +456,7 @@ def cosim_loss(rep_a: Tensor, rep_b: Tensor, flow: Tensor, valid: Tensor, patch:
     """
     m = valid[:, None].to(rep_a.dtype)
     warped = F.grid_sample(
-        rep_b, _normalised_grid(flow.to(rep_b.dtype), valid), mode="bilinear",
+        rep_b, _normalised_grid(flow, valid).to(rep_b.dtype), mode="bilinear",
         padding_mode="zeros", align_corners=True,
     )
     a, b = rep_a * m, warped * m
@@ -723,11 +723,12 @@ class R2D2(Method):
                 f"{tuple(out_a.descriptors.shape)}: expected ({bsz}, {height}, {width}, 2) / "
                 f"({bsz}, {height}, {width})"
             )
-        valid = valid.bool()
-        rep_a, rep_b = out_a.extras["repeatability"], out_b.extras["repeatability"]
+        valid, flow = valid.bool(), flow.float()
+        # the small maps in float32 (under autocast they come in bf16, too coarse for flows)
+        rep_a, rep_b = out_a.extras["repeatability"].float(), out_b.extras["repeatability"].float()
         ap, mean_ap = reliability_ap_loss(
             out_a.descriptors, out_b.descriptors,
-            out_a.extras["reliability"], out_b.extras["reliability"], flow, valid,
+            out_a.extras["reliability"].float(), out_b.extras["reliability"].float(), flow, valid,
             ngh=p["ngh"], subq=p["subq"], subd=p["subd"], pos_d=p["pos_d"], neg_d=p["neg_d"],
             border=p["border"], subd_neg=p["subd_neg"], maxpool_pos=p["maxpool_pos"],
             nq=p["ap_nq"], base=p["ap_base"],

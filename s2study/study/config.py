@@ -53,7 +53,14 @@ from s2study.config.load import (
 )
 from s2study.errors import ConfigError, EnvironmentProblem
 from s2study.registry import unknown_name_message
-from s2study.study.space import ParamSpec, corner_cases, grid_size, grid_values, overlay, parse_space
+from s2study.study.space import (
+    ParamSpec,
+    corner_cases,
+    grid_size,
+    grid_values,
+    overlay,
+    parse_space,
+)
 
 METRICS = ("val_ncm", "val_nc", "val_cmr", "val_rep", "loss/total")
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "grid", "bruteforce")

@@ -26,9 +26,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from ray import tune
@@ -113,7 +114,11 @@ def preflight_data(cfg: StudyConfig) -> None:
 def _cluster_checks(cfg: StudyConfig) -> None:
     import ray
 
-    from s2study.cluster import alive_node_count, check_storage_for_cluster, check_tracking_for_cluster
+    from s2study.cluster import (
+        alive_node_count,
+        check_storage_for_cluster,
+        check_tracking_for_cluster,
+    )
 
     n = alive_node_count()
     check_storage_for_cluster(cfg.storage, n)
@@ -356,6 +361,9 @@ def run_study(
              f"(experiment {cfg.tracking.experiment}, run {parent})")
         grid = tuner.fit()
         outcome.trials = summarize(cfg, grid, uri, experiment_id, parent)
+        dropped = tracking.drop_orphan_runs(uri, experiment_id, parent, {t.trial_id for t in outcome.trials})
+        if dropped:
+            echo(f"deleted {dropped} MLflow run(s) of trials lost when the driver died (Tune never recorded them)")
         outcome.interrupted = len(grid) < cfg.trials or any(t.status == "incomplete" for t in outcome.trials)
         tracking.settle_trial_runs(uri, experiment_id, parent, {
             t.trial_id: ("killed" if t.status == "incomplete" else t.status, t.error) for t in outcome.trials})
@@ -434,7 +442,8 @@ def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int
     with tempfile.TemporaryDirectory(prefix="s2study-eval-") as tmp, checkpoint.as_directory() as d:
         path = Path(d) / CHECKPOINT_FILE
         run_id = (load_checkpoint(path).get("extra") or {}).get("mlflow_run_id")
-        result = evaluate_checkpoint(path, data, "test" if split == "test" else "val", ks=ks, device=device)
+        split_name = data.test_split if split == "test" else data.val_split
+        result = evaluate_checkpoint(path, data, split_name, ks=ks, device=device)
         files = write_outputs(result, Path(tmp))
         method = result.methods[0]
         headline = {}
@@ -450,7 +459,7 @@ def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int
             tracking.log_metrics(uri, run_id, headline)
             for k in result.ks:
                 m = result.means[method][k]
-                steps = [int(round(t)) for t in m.thresholds]
+                steps = [round(t) for t in m.thresholds]
                 tracking.log_curve(uri, run_id, f"eval/cmr_curve_k{k}", steps, list(m.cmr_curve))
                 tracking.log_curve(uri, run_id, f"eval/ncm_curve_k{k}", steps, list(m.ncm_curve))
             for name in ("json", "csv"):

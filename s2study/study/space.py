@@ -271,7 +271,7 @@ def _field_type(key: str) -> Any:
     m = _INDEX.match(key)
     parts = m.group("path").split(".")
     tp: Any = TrainConfig
-    for i, part in enumerate(parts):
+    for part in parts:
         if not dataclasses.is_dataclass(tp):
             return Any  # a free-form mapping such as method.params
         tp = typing.get_type_hints(tp)[part]
@@ -293,9 +293,8 @@ def check_train_key(key: str, source: str, where: str) -> None:
     parts = m.group("path").split(".")
     for i, part in enumerate(parts):
         if not dataclasses.is_dataclass(tp):
-            if typing.get_origin(tp) is dict or tp is dict:
-                if i == len(parts) - 1:
-                    break  # method.params.<name>: checked against the method(s) later
+            if (typing.get_origin(tp) is dict or tp is dict) and i == len(parts) - 1:
+                break  # method.params.<name>: checked against the method(s) later
             raise ConfigError(f"{source}: {where}: {'.'.join(parts[:i])} has no sub-key {part!r}")
         hints = typing.get_type_hints(tp)
         if part not in hints:

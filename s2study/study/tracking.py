@@ -269,6 +269,25 @@ def settle_trial_runs(uri: str, experiment_id: str, parent_run_id: str,
     return len(running)
 
 
+def drop_orphan_runs(uri: str, experiment_id: str, parent_run_id: str, trial_ids: set[str]) -> int:
+    """Delete trial runs of trials Tune does not know (after ``--resume``); returns how many.
+
+    A driver killed between a trial's start and Tune's next experiment snapshot (at most every
+    10 s) leaves a run whose trial the restored study never had; Optuna suggests a new trial
+    in its place. The run is ended as ``killed`` and soft-deleted (``mlflow gc`` purges it,
+    ``mlflow runs restore`` brings it back), so each trial of the study has exactly one run.
+    """
+    n = 0
+    for run in child_runs(uri, experiment_id, parent_run_id):
+        if run.data.tags.get(TAG_TRIAL) in trial_ids:
+            continue
+        if run.info.status == "RUNNING":
+            finish_run(uri, run.info.run_id, "killed", "lost: the driver died before Tune recorded this trial")
+        client(uri).delete_run(run.info.run_id)
+        n += 1
+    return n
+
+
 def _search(uri: str, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None):
     token = None
     while True:
@@ -301,7 +320,7 @@ class TrialRun:
 
     @classmethod
     def open(cls, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str,
-             params: dict[str, Any], metric: str, mode: str, run_id: str | None = None) -> "TrialRun":
+             params: dict[str, Any], metric: str, mode: str, run_id: str | None = None) -> TrialRun:
         """Reopen ``run_id`` (from the trial checkpoint) or the run tagged with ``trial_id``,
         else create a child run of ``parent_run_id``; then log ``params``."""
         c = client(uri)
