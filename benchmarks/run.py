@@ -383,7 +383,7 @@ def _s2_step_benchmark(
 # ----------------------------------------------------------------------------- SSL sample
 
 
-SSL_BATCH = 4
+SSL_BATCH = 8
 
 
 def bench_ssl_sample(ctx: Context) -> Result:
@@ -851,9 +851,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="on CPU too, run the batched S2 steps under bf16 autocast (fast on CPUs with AMX)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: torch's; 1 gives steadier CPU times on a loaded machine)",
+    )
     args = p.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available here")
     return args
@@ -863,6 +871,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = args.only or [n for n, b in BENCHMARKS.items() if b.default]
     load_start = os.getloadavg()
     ctx = Context(device=device, repeats=args.repeats, timer=Timer(device), bf16=args.bf16)

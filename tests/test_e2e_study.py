@@ -11,6 +11,7 @@ file takes a few minutes; the studies run as subprocesses of the CLI, as a user 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -320,3 +321,34 @@ def test_resume_after_killing_the_driver(tmp_path):
     for tid in settled:  # trials that had ended before the kill were not rerun
         assert not re.search(rf"\]\s+{tid} epoch", output), output[-3000:]
         assert _history_steps(study.client, before[tid].info.run_id, "val_ncm") == histories_before[tid]
+
+
+def test_failing_trials_end_failed_with_one_run_each_on_a_non_local_filesystem(tmp_path, monkeypatch):
+    """In process, with Tune's storage on a pyarrow SubTreeFileSystem (the s3:// code path)."""
+    import pyarrow.fs
+
+    from s2study.study.config import TrackingConfig, load_study
+    from s2study.study.runner import STATE_FILE, run_study
+
+    monkeypatch.chdir(tmp_path)
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    cfg = load_study(SMOKE, [f"base.method.weights={broken}", "evaluate.top_n=0"], trials=2, cwd=tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = dataclasses.replace(cfg, storage="bucket/studies", tracking=TrackingConfig(uri, "smoke"))
+    bucket = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "object-store"), pyarrow.fs.LocalFileSystem())
+    (tmp_path / "object-store").mkdir()
+    lines: list[str] = []
+    outcome = run_study(cfg, storage_filesystem=bucket, echo=lines.append)
+
+    assert [t.status for t in outcome.trials] == ["failed", "failed"] and not outcome.interrupted
+    assert (tmp_path / "object-store/bucket/studies/smoke" / STATE_FILE).is_file()
+    study = Study(tmp_path, uri, "\n".join(lines))
+    runs = study.children()
+    assert len(runs) == 2  # failure_config retried each trial once, in its same run
+    for run in runs:
+        assert run.info.status == "FAILED" and run.data.tags["s2study.status"] == "failed"
+        assert "broken.pt" in run.data.tags["s2study.failure_reason"]
+    (parent,) = study.parents()
+    assert parent.info.run_id == outcome.parent_run_id and parent.info.status == "FINISHED"
+    assert not study.client.search_runs([study.experiment_id()], "attributes.status = 'RUNNING'")

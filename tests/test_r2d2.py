@@ -22,11 +22,11 @@ from s2study.methods.r2d2 import (
     R2D2,
     cosim_loss,
     is_official_checkpoint,
+    negative_histogram,
     neighbourhood_offsets,
     official_checkpoint_params,
     peaky_loss,
     pyramid_sizes,
-    negative_histogram,
     quantized_ap,
     sample_positions,
 )
@@ -71,14 +71,21 @@ def rotation_homography(size: int, degrees: float, scale: float, shift=(0.0, 0.0
 
 
 def homography_pair(
-    roadscene: Path, pair_id: str, x0: int, y0: int, size: int, h: np.ndarray,
+    roadscene: Path,
+    pair_id: str,
+    x0: int,
+    y0: int,
+    size: int,
+    h: np.ndarray,
     folders: tuple[str, str] = ("crop_LR_visible", "cropinfrared"),
 ):
     """A = crop of ``folders[0]``, B = the same crop of ``folders[1]`` warped by ``h``.
 
     Returns images (1, 3, size, size) and the flow A -> B (1, size, size, 2) and valid mask.
     """
-    crop_a, crop_b = (read_rgb(roadscene, f, pair_id)[y0 : y0 + size, x0 : x0 + size] for f in folders)
+    crop_a, crop_b = (
+        read_rgb(roadscene, f, pair_id)[y0 : y0 + size, x0 : x0 + size] for f in folders
+    )
     warped = cv2.warpPerspective(crop_b, h, (size, size), flags=cv2.INTER_LINEAR)
     flow, valid = flow_from_homography(torch.from_numpy(h).float(), (size, size), (size, size))
     return to_tensor(crop_a), to_tensor(warped), flow[None], valid[None]
@@ -103,10 +110,13 @@ def test_registered_with_the_paper_crop():
     assert R2D2.name == "r2d2" and R2D2.default_crop == 192
 
 
-@pytest.mark.parametrize("bad", [{"pos_d": 5}, {"ap_nq": 1}, {"patch_size": 15}, {"subq": 0}, {"ap_base": 1.0}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"pos_d": 5}, {"ap_nq": 1}, {"patch_size": 15}, {"subq": 0}, {"ap_base": 1.0}, {"ngh2": 7}],
+)
 def test_invalid_params_are_config_errors(bad):
     key = next(iter(bad))
-    with pytest.raises(ConfigError, match=f"r2d2.{key}|r2d2.neg_d"):
+    with pytest.raises(ConfigError, match=f"r2d2.{key}|r2d2.neg_d|unknown parameter.*{key}"):
         R2D2(**bad)
 
 
@@ -142,7 +152,11 @@ def test_non_whitelisted_architecture_strings_are_refused(net_string):
 
 
 def test_whitelisted_architecture_strings_parse():
-    assert official_checkpoint_params("Quad_L2Net_ConfCFS()") == {"dim": 128, "mchan": 4, "relu22": False}
+    assert official_checkpoint_params("Quad_L2Net_ConfCFS()") == {
+        "dim": 128,
+        "mchan": 4,
+        "relu22": False,
+    }
     parsed = official_checkpoint_params(" Quad_L2Net_ConfCFS( dim = 64, relu22=True ) ")
     assert parsed == {"dim": 64, "mchan": 4, "relu22": True}
     assert R2D2(**parsed).clf.in_channels == 64
@@ -164,7 +178,10 @@ def test_bad_official_files_raise_checkpoint_errors_naming_the_file(tmp_path):
     renamed = dict(state)
     renamed["ops.99.weight"] = renamed.pop("ops.3.weight")
     bad = _official_file(tmp_path / "renamed.pt", "Quad_L2Net_ConfCFS()", renamed)
-    with pytest.raises(CheckpointError, match=r"renamed\.pt.*missing keys: ops\.3\.weight.*unexpected keys: ops\.99\.weight"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"renamed\.pt.*missing keys: ops\.3\.weight.*unexpected keys: ops\.99\.weight",
+    ):
         R2D2().load_pretrained(bad)
 
     reshaped = {**state, "clf.weight": torch.zeros(3, 128, 1, 1)}
@@ -176,7 +193,9 @@ def test_bad_official_files_raise_checkpoint_errors_naming_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"arch\.pt.*not supported"):
         R2D2().load_pretrained(bad)
 
-    bad = _official_file(tmp_path / "dim.pt", "Quad_L2Net_ConfCFS(dim=64)", R2D2(dim=64).state_dict())
+    bad = _official_file(
+        tmp_path / "dim.pt", "Quad_L2Net_ConfCFS(dim=64)", R2D2(dim=64).state_dict()
+    )
     with pytest.raises(CheckpointError, match=r"dim\.pt.*differs"):
         R2D2().load_pretrained(bad)
     assert R2D2.from_official_checkpoint(bad).params["dim"] == 64
@@ -191,7 +210,9 @@ def test_bad_official_files_raise_checkpoint_errors_naming_the_file(tmp_path):
 
 def test_is_official_checkpoint():
     assert is_official_checkpoint({"net": "Quad_L2Net_ConfCFS()", "state_dict": {}})
-    assert not is_official_checkpoint({"format": "s2study-checkpoint", "net": "x", "state_dict": {}})
+    assert not is_official_checkpoint(
+        {"format": "s2study-checkpoint", "net": "x", "state_dict": {}}
+    )
     assert not is_official_checkpoint({"state_dict": {}})
     assert not is_official_checkpoint([1, 2])
 
@@ -216,7 +237,10 @@ def test_forward_shapes_and_normalisation():
 def test_eval_mode_folds_batch_norm_without_changing_outputs(official_net):
     x = torch.rand(1, 3, 48, 40)
     folded = official_net(x)
-    official_net._stages, stages = [(c, None, r) for c, _, r in official_net._stages], official_net._stages
+    official_net._stages, stages = (
+        [(c, None, r) for c, _, r in official_net._stages],
+        official_net._stages,
+    )
     try:
         # the reference: run the ops list as the official net does (conv, BN, ReLU modules)
         feats = (x - official_net._mean) / official_net._std
@@ -224,7 +248,9 @@ def test_eval_mode_folds_batch_norm_without_changing_outputs(official_net):
             feats = op(feats)
     finally:
         official_net._stages = stages
-    assert torch.allclose(folded.descriptors, torch.nn.functional.normalize(feats, dim=1), atol=1e-4)
+    assert torch.allclose(
+        folded.descriptors, torch.nn.functional.normalize(feats, dim=1), atol=1e-4
+    )
 
 
 # ------------------------------------------------------------------ loss pieces (known answers)
@@ -259,7 +285,9 @@ def test_quantized_ap_known_answers_and_dense_reference():
     assert torch.allclose(ap, torch.tensor([1.0, 1 / 4, 1 / 3]), atol=1e-6)
     # a zero weight removes a negative: the last query then has one above instead of two
     weights = torch.tensor([[1.0, 1.0, 1.0]] * 2 + [[1.0, 0.0, 1.0]])
-    assert torch.allclose(quantized_ap(pos, negative_histogram(neg, weights, nq), nq)[2], torch.tensor(0.5), atol=1e-6)
+    assert torch.allclose(
+        quantized_ap(pos, negative_histogram(neg, weights, nq), nq)[2], torch.tensor(0.5), atol=1e-6
+    )
 
     gen = torch.Generator().manual_seed(0)
     pos = torch.rand(64, 1, generator=gen, dtype=torch.float64) * 1.4 - 0.2
@@ -320,8 +348,8 @@ def test_loss_on_real_pair_gives_finite_nonzero_gradients_everywhere(roadscene):
 
 
 def test_loss_without_correspondences_is_finite_and_zero(roadscene):
-    h = rotation_homography(96, degrees=0.0, scale=1.0, shift=(500.0, 0.0))
-    img_a, img_b, flow, valid = homography_pair(roadscene, TRAIN_ID, 220, 120, 96, h)
+    h = rotation_homography(64, degrees=0.0, scale=1.0, shift=(500.0, 0.0))
+    img_a, img_b, flow, valid = homography_pair(roadscene, TRAIN_ID, 220, 120, 64, h)
     assert not valid.any()
     torch.manual_seed(0)
     net = R2D2().train()
@@ -330,6 +358,21 @@ def test_loss_without_correspondences_is_finite_and_zero(roadscene):
     assert all(torch.isfinite(v) and v == 0 for v in parts.values())
     parts["total"].backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+def test_loss_under_bf16_autocast_stays_finite(roadscene):
+    """Mixed precision (as the trainer uses on CUDA; CPU bf16 here): flows stay float32."""
+    h = rotation_homography(64, degrees=5.0, scale=1.0, shift=(3.0, -2.0))
+    img_a, img_b, flow, valid = homography_pair(roadscene, TRAIN_ID, 220, 120, 64, h)
+    torch.manual_seed(0)
+    net = R2D2().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.cat([img_a, img_b]))
+        parts = net.loss(out.select(slice(0, 1)), out.select(slice(1, 2)), flow, valid)
+    assert out.descriptors.dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in parts.values())
+    parts["total"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
 
 
 def test_official_weights_score_the_true_alignment_better(roadscene, official_net):
@@ -435,7 +478,9 @@ def test_pretrained_matches_a_val_pair_far_better_than_random(roadscene, officia
         kp_vis, kp_ir = net.extract(vis, k), net.extract(ir, k)
         assert len(kp_vis) == len(kp_ir) == k
         random_free.append(mutual_nn_correct(kp_vis, kp_ir))
-    print(f"NCM@3px K={k} on {VAL_ID}: pretrained {pretrained}, random weights {random_official} "
-          f"(official thresholds), {random_free} (no thresholds, seeds 0-2)")
+    print(
+        f"NCM@3px K={k} on {VAL_ID}: pretrained {pretrained}, random weights {random_official} "
+        f"(official thresholds), {random_free} (no thresholds, seeds 0-2)"
+    )
     assert pretrained >= 40 and random_official * 4 <= pretrained
     assert pretrained >= 2 * sum(random_free) / len(random_free)

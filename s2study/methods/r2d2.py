@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,9 @@ def official_checkpoint_params(net_string: str, source: str = "checkpoint") -> d
         CheckpointError: not a call of a whitelisted architecture with known literal keywords.
     """
     if not isinstance(net_string, str):
-        raise CheckpointError(f"{source}: 'net' is a {type(net_string).__name__}, expected a string")
+        raise CheckpointError(
+            f"{source}: 'net' is a {type(net_string).__name__}, expected a string"
+        )
     call = _CALL_RE.fullmatch(net_string)
     known = ", ".join(OFFICIAL_ARCHITECTURES)
     if call is None or call.group(1) not in OFFICIAL_ARCHITECTURES:
@@ -149,7 +151,7 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or unsafe files
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
     if not is_official_checkpoint(obj):
@@ -327,7 +329,9 @@ def negative_histogram(negatives: Tensor, weights: Tensor | None = None, nq: int
 
     Histograms of several blocks of negatives add up, so the blocks need not be concatenated.
     """
-    return _SoftHistogram.apply(negatives.float(), None if weights is None else weights.float().detach(), nq)
+    return _SoftHistogram.apply(
+        negatives.float(), None if weights is None else weights.float().detach(), nq
+    )
 
 
 def quantized_ap(positives: Tensor, negative_counts: Tensor, nq: int = 20) -> Tensor:
@@ -354,11 +358,10 @@ def reliability_ap_loss(
     rel_b: Tensor,
     flow: Tensor,
     valid: Tensor,
+    pos_offsets: Tensor,
+    neg_offsets: Tensor,
     *,
-    ngh: int = 7,
     subq: int = -8,
-    subd: int = 1,
-    pos_d: int = 3,
     neg_d: int = 5,
     border: int = 16,
     subd_neg: int = -8,
@@ -378,6 +381,8 @@ def reliability_ap_loss(
         desc_a, desc_b: (B, C, H, W) L2-normalised descriptors (channels-last is fastest).
         rel_a, rel_b: (B, 1, H, W) reliability.
         flow: (B, H, W, 2) absolute flow A -> B; valid: (B, H, W) bool.
+        pos_offsets, neg_offsets: (P, 2), (K, 2) from :func:`neighbourhood_offsets`, on the
+            device (built once, so the loss needs no host-to-device copy).
 
     Returns:
         ``loss`` (scalar: mean over queries with a ground truth, 0 when there are none) and
@@ -395,14 +400,12 @@ def reliability_ap_loss(
     feat_q = _gather(rows_a, xy_q, height, width)  # (B, n, C)
     conf = _gather(rel_rows_a, xy_q, height, width)[..., 0]
 
-    pos_off, neg_off = neighbourhood_offsets(ngh, subd, pos_d, neg_d)
-    npos, nq_total = pos_off.shape[0], bsz * xy_q.shape[1]
-    offsets = torch.cat([pos_off, neg_off]).to(flow.device)
-    cand = gt[:, :, None, :] + offsets  # (B, n, P + K, 2)
-    size = torch.tensor([width, height], device=flow.device)
-    inside = ((cand >= 0) & (cand < size)).all(-1)
-    cand = torch.minimum(cand.clamp_min(0), size - 1)
-    if subd_neg != 0:
+    npos, nq_total = pos_offsets.shape[0], bsz * xy_q.shape[1]
+    cand = gt[:, :, None, :] + torch.cat([pos_offsets, neg_offsets])  # (B, n, P + K, 2)
+    cx, cy = cand.unbind(-1)
+    inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+    cand = torch.stack([cx.clamp(0, width - 1), cy.clamp(0, height - 1)], dim=-1)
+    if subd_neg != 0:  # distractors anywhere in images B
         xy_d, _ = sample_positions(torch.ones_like(valid), border, subd_neg)  # (B, m, 2)
     else:
         xy_d = cand.new_zeros(bsz, 0, 2)
@@ -415,16 +418,19 @@ def reliability_ap_loss(
     counts = negative_histogram(neg_scores, inside[..., npos:].reshape(nq_total, -1), nq)
     if maxpool_pos:
         pos_scores, best = pos_scores.max(dim=1, keepdim=True)
-        best_xy = cand.reshape(nq_total, -1, 2)[torch.arange(nq_total, device=flow.device), best[:, 0]]
-        rel_best = rel_rows_b.index_select(0, _flat_index(best_xy.view(bsz, -1, 2), height, width).reshape(-1))
+        best_xy = cand.reshape(nq_total, -1, 2)[
+            torch.arange(nq_total, device=flow.device), best[:, 0]
+        ]
+        rel_best = rel_rows_b.index_select(
+            0, _flat_index(best_xy.view(bsz, -1, 2), height, width).reshape(-1)
+        )
         conf = (conf + rel_best.view(bsz, -1)) / 2
-    if subd_neg != 0:
-        dist = (feat_q.reshape(nq_total, chan) @ feat_d.t()).float()  # (B n, B m)
-        # distractors of the query's own image B within neg_d of its ground truth are dropped
-        near = ((xy_d[:, None] - gt[:, :, None]) ** 2).sum(-1) < neg_d**2  # (B, n, m)
-        own = torch.eye(bsz, dtype=torch.bool, device=flow.device)[:, None, :, None]
-        keep = ~(own & near[:, :, None, :])  # (B, n, B, m)
-        counts = counts + negative_histogram(dist, keep.reshape(nq_total, -1), nq)
+    dist = (feat_q.reshape(nq_total, chan) @ feat_d.t()).float()  # (B n, B m)
+    # distractors of the query's own image B within neg_d of its ground truth are dropped
+    near = ((xy_d[:, None] - gt[:, :, None]) ** 2).sum(-1) < neg_d**2  # (B, n, m)
+    own = torch.eye(bsz, dtype=torch.bool, device=flow.device)[:, None, :, None]
+    keep = ~(own & near[:, :, None, :])  # (B, n, B, m)
+    counts = counts + negative_histogram(dist, keep.reshape(nq_total, -1), nq)
 
     ap = quantized_ap(pos_scores, counts, nq)
     conf = conf.reshape(-1).float()
@@ -437,12 +443,14 @@ def reliability_ap_loss(
 def _normalised_grid(flow: Tensor, valid: Tensor) -> Tensor:
     """Absolute flow (B, H, W, 2) in pixels -> ``grid_sample`` grid (align_corners=True)."""
     height, width = flow.shape[1:3]
-    scale = flow.new_tensor([2 / max(width - 1, 1), 2 / max(height - 1, 1)])
-    grid = flow * scale - 1
+    fx, fy = flow.unbind(-1)
+    grid = torch.stack([fx * (2 / max(width - 1, 1)) - 1, fy * (2 / max(height - 1, 1)) - 1], -1)
     return torch.where(valid[..., None], grid, torch.full_like(grid, -2.0))
 
 
-def cosim_loss(rep_a: Tensor, rep_b: Tensor, flow: Tensor, valid: Tensor, patch: int = 16) -> Tensor:
+def cosim_loss(
+    rep_a: Tensor, rep_b: Tensor, flow: Tensor, valid: Tensor, patch: int = 16
+) -> Tensor:
     """``1 - cos`` between ``patch x patch`` windows of A's repeatability and B's warped onto A.
 
     Windows overlap by half (stride ``patch // 2``); invalid pixels are zeroed in both maps
@@ -456,8 +464,11 @@ def cosim_loss(rep_a: Tensor, rep_b: Tensor, flow: Tensor, valid: Tensor, patch:
     """
     m = valid[:, None].to(rep_a.dtype)
     warped = F.grid_sample(
-        rep_b, _normalised_grid(flow, valid).to(rep_b.dtype), mode="bilinear",
-        padding_mode="zeros", align_corners=True,
+        rep_b,
+        _normalised_grid(flow, valid).to(rep_b.dtype),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
     )
     a, b = rep_a * m, warped * m
 
@@ -534,7 +545,7 @@ class R2D2(Method):
 
     name = "r2d2"
     default_crop = 192
-    default_params = {
+    default_params: ClassVar[dict[str, Any]] = {
         "dim": 128,
         "mchan": 4,
         "relu22": False,
@@ -568,12 +579,23 @@ class R2D2(Method):
         self.ops, self._stages = _build_trunk(p["dim"], p["mchan"], p["relu22"])
         self.clf = nn.Conv2d(p["dim"], 2, kernel_size=1)
         self.sal = nn.Conv2d(p["dim"], 1, kernel_size=1)
-        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        pos, neg = neighbourhood_offsets(p["ngh"], p["subd"], p["pos_d"], p["neg_d"])
+        self.register_buffer("_pos_offsets", pos, persistent=False)
+        self.register_buffer("_neg_offsets", neg, persistent=False)
+        self.register_buffer(
+            "_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.to(memory_format=torch.channels_last)
 
     def _validate_params(self) -> None:
         p = self.params
+        unknown = sorted(set(p) - set(self.default_params))
+        if unknown:
+            raise ConfigError(
+                f"r2d2: unknown parameter(s) {', '.join(unknown)}; "
+                f"known: {', '.join(self.default_params)}"
+            )
 
         def need(ok: bool, key: str, allowed: str) -> None:
             if not ok:
@@ -586,11 +608,22 @@ class R2D2(Method):
             need(is_int(key) and p[key] > 0, key, "a positive integer")
         for key in ("border", "pos_d"):
             need(is_int(key) and p[key] >= 0, key, "a non-negative integer")
-        need(is_int("patch_size") and p["patch_size"] >= 2 and p["patch_size"] % 2 == 0,
-             "patch_size", "an even integer >= 2")
+        need(
+            is_int("patch_size") and p["patch_size"] >= 2 and p["patch_size"] % 2 == 0,
+            "patch_size",
+            "an even integer >= 2",
+        )
         need(is_int("ap_nq") and 2 <= p["ap_nq"] <= 100, "ap_nq", "an integer in [2, 100]")
-        need(isinstance(p["ap_base"], (int, float)) and 0 <= p["ap_base"] < 1, "ap_base", "a number in [0, 1)")
-        need(is_int("neg_d") and p["pos_d"] < p["neg_d"] <= p["ngh"], "neg_d", "an integer with pos_d < neg_d <= ngh")
+        need(
+            isinstance(p["ap_base"], (int, float)) and 0 <= p["ap_base"] < 1,
+            "ap_base",
+            "a number in [0, 1)",
+        )
+        need(
+            is_int("neg_d") and p["pos_d"] < p["neg_d"] <= p["ngh"],
+            "neg_d",
+            "an integer with pos_d < neg_d <= ngh",
+        )
         need(is_int("subq") and p["subq"] != 0, "subq", "a non-zero integer (< 0: random queries)")
         need(is_int("subd_neg"), "subd_neg", "an integer (0: no distractors, < 0: random)")
         need(p["subd"] <= p["ngh"], "subd", "an integer <= ngh")
@@ -601,9 +634,16 @@ class R2D2(Method):
         for key in ("reliability_thr", "repeatability_thr"):
             need(isinstance(p[key], (int, float)) and 0 <= p[key] <= 1, key, "a number in [0, 1]")
         need(isinstance(p["scale_f"], (int, float)) and p["scale_f"] > 1, "scale_f", "a number > 1")
-        need(isinstance(p["max_scale"], (int, float)) and 0 < p["max_scale"] <= 1, "max_scale", "a number in (0, 1]")
-        need(isinstance(p["min_scale"], (int, float)) and 0 <= p["min_scale"] <= p["max_scale"],
-             "min_scale", "a number in [0, max_scale]")
+        need(
+            isinstance(p["max_scale"], (int, float)) and 0 < p["max_scale"] <= 1,
+            "max_scale",
+            "a number in (0, 1]",
+        )
+        need(
+            isinstance(p["min_scale"], (int, float)) and 0 <= p["min_scale"] <= p["max_scale"],
+            "min_scale",
+            "a number in [0, max_scale]",
+        )
 
     # -- network ----------------------------------------------------------------------------
 
@@ -634,7 +674,9 @@ class R2D2(Method):
             ``reliability`` (B, 1, H, W) in [0, 1]. Maps are channels-last in memory.
         """
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"R2D2 expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+            raise ValueError(
+                f"R2D2 expects images of shape (B, 3, H, W), got {tuple(images.shape)}"
+            )
         x = ((images - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
         x = self._trunk(x)
         sq = x.square()
@@ -667,11 +709,17 @@ class R2D2(Method):
         ]
         problems = [
             f"{label}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
-            for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("wrong shapes", wrong),
+            )
             if items
         ]
         if problems:
-            raise CheckpointError(f"{source}: weights do not fit the R2D2 network ({'; '.join(problems)})")
+            raise CheckpointError(
+                f"{source}: weights do not fit the R2D2 network ({'; '.join(problems)})"
+            )
         self.load_state_dict(state_dict, strict=True)
 
     def load_pretrained(self, path: str | Path) -> None:
@@ -685,11 +733,13 @@ class R2D2(Method):
         differ = {k: v for k, v in arch.items() if self.params[k] != v}
         if differ:
             mine = {k: self.params[k] for k in differ}
-            raise CheckpointError(f"{path}: checkpoint architecture {differ} differs from this network's {mine}")
+            raise CheckpointError(
+                f"{path}: checkpoint architecture {differ} differs from this network's {mine}"
+            )
         self.load_state_checked(state, str(path))
 
     @classmethod
-    def from_official_checkpoint(cls, path: str | Path, **params: Any) -> "R2D2":
+    def from_official_checkpoint(cls, path: str | Path, **params: Any) -> R2D2:
         """Build the network an official checkpoint describes and load its weights.
 
         Args:
@@ -703,7 +753,9 @@ class R2D2(Method):
 
     # -- loss -------------------------------------------------------------------------------
 
-    def loss(self, out_a: DenseFeatures, out_b: DenseFeatures, flow: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    def loss(
+        self, out_a: DenseFeatures, out_b: DenseFeatures, flow: Tensor, valid: Tensor
+    ) -> dict[str, Tensor]:
         """The official ``MultiLoss``: AP reliability + cosim + peaky.
 
         Args:
@@ -727,11 +779,21 @@ class R2D2(Method):
         # the small maps in float32 (under autocast they come in bf16, too coarse for flows)
         rep_a, rep_b = out_a.extras["repeatability"].float(), out_b.extras["repeatability"].float()
         ap, mean_ap = reliability_ap_loss(
-            out_a.descriptors, out_b.descriptors,
-            out_a.extras["reliability"].float(), out_b.extras["reliability"].float(), flow, valid,
-            ngh=p["ngh"], subq=p["subq"], subd=p["subd"], pos_d=p["pos_d"], neg_d=p["neg_d"],
-            border=p["border"], subd_neg=p["subd_neg"], maxpool_pos=p["maxpool_pos"],
-            nq=p["ap_nq"], base=p["ap_base"],
+            out_a.descriptors,
+            out_b.descriptors,
+            out_a.extras["reliability"].float(),
+            out_b.extras["reliability"].float(),
+            flow,
+            valid,
+            self._pos_offsets,
+            self._neg_offsets,
+            subq=p["subq"],
+            neg_d=p["neg_d"],
+            border=p["border"],
+            subd_neg=p["subd_neg"],
+            maxpool_pos=p["maxpool_pos"],
+            nq=p["ap_nq"],
+            base=p["ap_base"],
         )
         cosim = cosim_loss(rep_a, rep_b, flow, valid, p["patch_size"])
         paired = valid.flatten(1).any(1).to(rep_a.dtype)
@@ -747,7 +809,11 @@ class R2D2(Method):
         out = self(image)
         rep, rel = out.extras["repeatability"][0, 0], out.extras["reliability"][0, 0]
         peak = rep == F.max_pool2d(rep[None, None], 3, stride=1, padding=1)[0, 0]
-        keep = peak & (rep >= self.params["repeatability_thr"]) & (rel >= self.params["reliability_thr"])
+        keep = (
+            peak
+            & (rep >= self.params["repeatability_thr"])
+            & (rel >= self.params["reliability_thr"])
+        )
         score = torch.where(keep, rep * rel, torch.full_like(rep, -1.0)).reshape(-1)
         top, idx = score.topk(min(max_keypoints, score.numel()))
         idx = idx[top >= 0]
@@ -771,14 +837,24 @@ class R2D2(Method):
             pixel coordinates, scores (N,), descriptors (N, dim) L2-normalised; N <= K.
         """
         if image.dim() != 4 or image.shape[:2] != (1, 3):
-            raise ValueError(f"extract expects one image of shape (1, 3, H, W), got {tuple(image.shape)}")
+            raise ValueError(
+                f"extract expects one image of shape (1, 3, H, W), got {tuple(image.shape)}"
+            )
         was_training = self.training
         self.eval()
         try:
             height, width = image.shape[2:]
             p = self.params
             steps = (
-                pyramid_sizes(height, width, p["scale_f"], p["min_size"], p["max_size"], p["min_scale"], p["max_scale"])
+                pyramid_sizes(
+                    height,
+                    width,
+                    p["scale_f"],
+                    p["min_size"],
+                    p["max_size"],
+                    p["min_scale"],
+                    p["max_scale"],
+                )
                 if multiscale
                 else [(height, width, True)]
             )

@@ -324,24 +324,6 @@ def run_study(
     if restorable and not resume:
         raise ConfigError(f"{cfg.source}: name: {exp_path} already holds study {cfg.name!r}; add --resume to "
                           "continue it, or pick another --storage or name")
-    experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
-    state = _read_state(fs, folder)
-    if resume and state and state.get("tracking_uri") == uri:
-        parent = state["parent_run_id"]
-        tracking.reopen_run(uri, parent)
-        echo(f"resuming study {cfg.name} (MLflow run {parent})")
-    else:
-        if state and state.get("tracking_uri") == uri:
-            tracking.close_running_children(uri, experiment_id, state["parent_run_id"], "killed", "superseded")
-        parent = tracking.start_study_run(uri, experiment_id, cfg.name, study_params(cfg), tags={
-            "s2study.space_keys": ",".join(s.key for s in cfg.space if s.sampled),
-            "s2study.metric": cfg.metric, "s2study.mode": cfg.mode, "s2study.storage": exp_path})
-        _write_state(fs, folder, {"parent_run_id": parent, "tracking_uri": uri, "experiment_id": experiment_id})
-    tracking.log_text(uri, parent, yaml.safe_dump(resolved_study(cfg), sort_keys=False), "study/resolved.yaml")
-    if study_text is not None:
-        tracking.log_text(uri, parent, study_text, "study/study.yaml")
-    outcome = StudyOutcome(cfg.name, exp_path, uri, experiment_id, parent)
-
     started = not ray.is_initialized()
     if started and address:
         ray.init(address=address, logging_level=logging.WARNING)
@@ -350,41 +332,79 @@ def run_study(
     try:
         if address:
             _cluster_checks(cfg)
-        settings = TrialSettings(cfg.base, uri, experiment_id, parent, cfg.metric, cfg.mode, cfg.resources.gpu)
-        trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
-                                        {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
-        if resume and restorable:
-            tuner = Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=storage_filesystem)
-        else:
-            tuner = build_tuner(cfg, trainable, storage_filesystem)
-        echo(f"study {cfg.name}: {cfg.trials} trials, storage {exp_path}, MLflow {uri} "
-             f"(experiment {cfg.tracking.experiment}, run {parent})")
-        grid = tuner.fit()
-        outcome.trials = summarize(cfg, grid, uri, experiment_id, parent)
-        dropped = tracking.drop_orphan_runs(uri, experiment_id, parent, {t.trial_id for t in outcome.trials})
-        if dropped:
-            echo(f"deleted {dropped} MLflow run(s) of trials lost when the driver died (Tune never recorded them)")
-        outcome.interrupted = len(grid) < cfg.trials or any(t.status == "incomplete" for t in outcome.trials)
-        tracking.settle_trial_runs(uri, experiment_id, parent, {
-            t.trial_id: ("killed" if t.status == "incomplete" else t.status, t.error) for t in outcome.trials})
-        if outcome.interrupted:
-            _end(uri, experiment_id, parent, "killed", "study interrupted; continue with s2study run --resume")
-            echo(f"study interrupted; continue it with: s2study run {cfg.source} --resume")
-            return outcome
-        outcome.evaluated = evaluate_best(cfg, grid, outcome.trials, uri, echo)
-        log_study_summary(cfg, outcome)
-        _end(uri, experiment_id, parent, "finished")
-        echo(summary_text(cfg, outcome))
-        return outcome
-    except KeyboardInterrupt:
-        _end(uri, experiment_id, parent, "killed", "interrupted (KeyboardInterrupt)")
-        raise
-    except BaseException as exc:
-        _end(uri, experiment_id, parent, "failed", f"{type(exc).__name__}: {exc}")
-        raise
+        experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+        parent = _study_run(cfg, fs, folder, experiment_id, resume, study_text, echo)
+        outcome = StudyOutcome(cfg.name, exp_path, uri, experiment_id, parent)
+        try:
+            return _fit(cfg, outcome, restorable and resume, storage_filesystem, echo)
+        except KeyboardInterrupt:
+            _end(uri, experiment_id, parent, "killed", "interrupted (KeyboardInterrupt)")
+            raise
+        except BaseException as exc:
+            _end(uri, experiment_id, parent, "failed", f"{type(exc).__name__}: {exc}")
+            raise
     finally:
         if started:
             ray.shutdown()
+
+
+def _study_run(cfg: StudyConfig, fs: Any, folder: str, experiment_id: str, resume: bool,
+               study_text: str | None, echo: Echo) -> str:
+    """The study's parent run: reopened on ``--resume`` (id kept in the storage folder), else new."""
+    uri = cfg.tracking.uri
+    state = _read_state(fs, folder)
+    same_store = bool(state) and state.get("tracking_uri") == uri
+    if resume and same_store:
+        parent = state["parent_run_id"]
+        tracking.reopen_run(uri, parent)
+        echo(f"resuming study {cfg.name} (MLflow run {parent})")
+    else:
+        if same_store:  # an earlier attempt that never got as far as a Tune snapshot
+            tracking.close_running_children(uri, experiment_id, state["parent_run_id"], "killed", "superseded")
+            tracking.finish_run(uri, state["parent_run_id"], "killed", "superseded by a new attempt")
+        parent = tracking.start_study_run(uri, experiment_id, cfg.name, study_params(cfg), tags={
+            "s2study.space_keys": ",".join(s.key for s in cfg.space if s.sampled),
+            "s2study.metric": cfg.metric, "s2study.mode": cfg.mode, "s2study.storage": experiment_path(cfg)})
+        _write_state(fs, folder, {"parent_run_id": parent, "tracking_uri": uri, "experiment_id": experiment_id})
+    tracking.log_text(uri, parent, yaml.safe_dump(resolved_study(cfg), sort_keys=False), "study/resolved.yaml")
+    if study_text is not None:
+        tracking.log_text(uri, parent, study_text, "study/study.yaml")
+    return parent
+
+
+def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesystem: Any | None,
+         echo: Echo) -> StudyOutcome:
+    """Build or restore the Tuner, fit, settle the trial runs, evaluate, summarise."""
+    from ray.tune import Tuner
+
+    uri, experiment_id, parent = outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id
+    settings = TrialSettings(cfg.base, uri, experiment_id, parent, cfg.metric, cfg.mode, cfg.resources.gpu)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
+                                    {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    if restore:
+        tuner = Tuner.restore(outcome.experiment_path, trainable, resume_errored=True,
+                              storage_filesystem=storage_filesystem)
+    else:
+        tuner = build_tuner(cfg, trainable, storage_filesystem)
+    echo(f"study {cfg.name}: {cfg.trials} trials, storage {outcome.experiment_path}, MLflow {uri} "
+         f"(experiment {cfg.tracking.experiment}, run {parent})")
+    grid = tuner.fit()
+    outcome.trials = summarize(cfg, grid, uri, experiment_id, parent)
+    dropped = tracking.drop_orphan_runs(uri, experiment_id, parent, {t.trial_id for t in outcome.trials})
+    if dropped:
+        echo(f"deleted {dropped} MLflow run(s) of trials lost when the driver died (Tune never recorded them)")
+    outcome.interrupted = len(grid) < cfg.trials or any(t.status == "incomplete" for t in outcome.trials)
+    tracking.settle_trial_runs(uri, experiment_id, parent, {
+        t.trial_id: ("killed" if t.status == "incomplete" else t.status, t.error) for t in outcome.trials})
+    if outcome.interrupted:
+        _end(uri, experiment_id, parent, "killed", "study interrupted; continue with s2study run --resume")
+        echo(f"study interrupted; continue it with: s2study run {cfg.source} --resume")
+        return outcome
+    outcome.evaluated = evaluate_best(cfg, grid, outcome.trials, uri, echo)
+    log_study_summary(cfg, outcome)
+    _end(uri, experiment_id, parent, "finished")
+    echo(summary_text(cfg, outcome))
+    return outcome
 
 
 def _end(uri: str, experiment_id: str, parent: str, status: str, reason: str | None = None) -> None:

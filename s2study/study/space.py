@@ -75,7 +75,7 @@ class _CategoricalSpec:
             raise ValueError(f"choices: {self.choices!r} is not allowed; expected a non-empty list")
         for c in self.choices:
             if not isinstance(c, Primitive):
-                raise ValueError(
+                raise ValueError(  # noqa: TRY004 - build_dataclass turns ValueError into a ConfigError
                     f"choices: {c!r} is not allowed; choices are strings, numbers, true/false or "
                     "null (sample a tuple element with a key like ssl.scale[0])"
                 )
