@@ -445,11 +445,12 @@ def bench_ssl_sample(ctx: Context) -> Result:
 
 
 def _roadscene_image(ctx: Context) -> np.ndarray:
+    """The visible image of the first RoadScene training pair (329 x 500, the usual size)."""
     from s2study.config.schema import DataConfig
     from s2study.data.datasets import open_dataset
 
     return ctx.cached(
-        "img:roadscene", lambda: open_dataset(DataConfig(dataset="roadscene"), "val")[0].image_a
+        "img:roadscene", lambda: open_dataset(DataConfig(dataset="roadscene"), "train")[0].image_a
     )
 
 

@@ -439,10 +439,16 @@ def summarize(cfg: StudyConfig, grid: Any, uri: str, experiment_id: str, parent:
             trial_id=trial_id, name=run.info.run_name if run else trial_id, status=status, epochs=epochs,
             best=best, last=values[-1] if values else None,
             sampled={k: v for k, v in result.config.items()}, run_id=run.info.run_id if run else None,
-            error=str(result.error).splitlines()[0][:300] if result.error else None,
+            error=_last_line(result.error) if result.error else None,
         ))
     sign = -1 if cfg.mode == "max" else 1
     return sorted(out, key=lambda t: (t.best is None, sign * (t.best or 0.0)))
+
+
+def _last_line(error: BaseException) -> str:
+    """The line of a (Ray-wrapped) trial error that names it: ``CheckpointError: ...``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -567,5 +573,6 @@ def summary_text(cfg: StudyConfig, outcome: StudyOutcome) -> str:
 
     rows = [{"trial": t.name, "status": t.status, "epochs": t.epochs, "best": t.best,
              **{k: t.sampled.get(k) for k in (s.key for s in cfg.space if s.sampled)}} for t in outcome.trials]
+    failures = "".join(f"\n{t.name} failed: {t.error}" for t in outcome.trials if t.status == "failed")
     return (f"\nstudy {cfg.name}: {len(outcome.trials)} trials; MLflow {outcome.tracking_uri} "
-            f"(parent run {outcome.parent_run_id})\n" + format_trials(rows, cfg.metric))
+            f"(parent run {outcome.parent_run_id})\n" + format_trials(rows, cfg.metric) + failures)
