@@ -17,7 +17,7 @@ A study file is YAML with these top-level keys (all but ``space`` optional)::
     sampler: {name: tpe, seed: 0, n_startup_trials: 4}  # tpe|random|gp|cmaes|grid|bruteforce
     storage: ./s2study_results         # Ray storage_path: a local folder or s3://bucket/prefix
     tracking: {uri: sqlite:///mlflow.db, experiment: my-study}
-    evaluate: {top_n: 1, split: test, ks: [1024, 2048, 4096]}
+    evaluate: {top_n: 1, split: auto, ks: [1024, 2048, 4096]}   # auto: test, else val
     failure: {max_failures: 2}
 
 ``base: r2d2-roadscene`` is shorthand for ``base: {preset: r2d2-roadscene}``. Each trial trains
@@ -64,7 +64,7 @@ from s2study.study.space import (
 
 METRICS = ("val_ncm", "val_nc", "val_cmr", "val_rep", "loss/total")
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "grid", "bruteforce")
-EVAL_SPLITS = ("test", "val")
+EVAL_SPLITS = ("auto", "test", "val")  # auto: test where the dataset has one, else val
 DEFAULT_STORAGE = "s2study_results"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -140,7 +140,7 @@ class EvaluateConfig:
     """Post-study evaluation of the ``top_n`` best trials on ``split`` at each K in ``ks``."""
 
     top_n: int = 1
-    split: str = "test"
+    split: str = "auto"
     ks: Any = (1024, 2048, 4096)
 
     def __post_init__(self) -> None:

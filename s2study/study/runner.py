@@ -82,6 +82,20 @@ class StudyOutcome:
 # --------------------------------------------------------------------------- checks
 
 
+def resolve_eval_split(data: DataConfig, choice: str) -> str:
+    """The split name the post-study evaluation uses: ``auto`` is test where the dataset
+    has one (the shared RoadScene copy has none), else val."""
+    if choice != "auto":
+        return data.test_split if choice == "test" else data.val_split
+    from s2study.data.datasets import open_dataset
+
+    try:
+        open_dataset(data, data.test_split)
+    except DataError:
+        return data.val_split
+    return data.test_split
+
+
 def preflight_data(cfg: StudyConfig) -> None:
     """Every dataset split the trials and the evaluation use exists here (and the weights).
 
@@ -102,7 +116,7 @@ def preflight_data(cfg: StudyConfig) -> None:
             seen.add(key)
             splits = {data.train_split, data.val_split}
             if cfg.evaluate.top_n:
-                splits.add(data.test_split if cfg.evaluate.split == "test" else data.val_split)
+                splits.add(resolve_eval_split(data, cfg.evaluate.split))
             for split in sorted(splits):
                 open_dataset(data, split)
         if train["method"].get("weights") == "official":
@@ -116,14 +130,19 @@ def _cluster_checks(cfg: StudyConfig) -> None:
 
     from s2study.cluster import (
         alive_node_count,
+        autoscaler_worker_types,
         check_storage_for_cluster,
         check_tracking_for_cluster,
     )
 
-    n = alive_node_count()
+    # On an autoscaling cluster (clusters/gpu.yaml: GPU workers from 0) the nodes that will
+    # run the trials may not be up yet: count the worker types the autoscaler can add.
+    workers = autoscaler_worker_types()
+    n = max(alive_node_count(), 1 + sum(w.max_workers for w in workers))
     check_storage_for_cluster(cfg.storage, n)
     check_tracking_for_cluster(cfg.tracking.uri, n)
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    nodes += [w.resources for w in workers]
     check_resources(cfg, nodes, where="the Ray cluster")
 
 
@@ -468,7 +487,7 @@ def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int
     with tempfile.TemporaryDirectory(prefix="s2study-eval-") as tmp, checkpoint.as_directory() as d:
         path = Path(d) / CHECKPOINT_FILE
         run_id = (load_checkpoint(path).get("extra") or {}).get("mlflow_run_id")
-        split_name = data.test_split if split == "test" else data.val_split
+        split_name = resolve_eval_split(data, split)
         result = evaluate_checkpoint(path, data, split_name, ks=ks, device=device)
         files = write_outputs(result, Path(tmp))
         method = result.methods[0]
