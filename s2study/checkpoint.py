@@ -53,6 +53,22 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return Path(path)
 
 
+def safe_torch_load(path: str | Path, what: str = "checkpoint", map_location="cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain types only, no code run.
+
+    Raises:
+        CheckpointError: the file is missing or not a readable ``what`` (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such {what} file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt or foreign files
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable {what} ({reason[:200]})") from None
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
     """Load an s2study checkpoint safely (``weights_only=True``).
 
@@ -60,13 +76,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:
         CheckpointError: missing, truncated, not a checkpoint, or from an incompatible version.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+    data = safe_torch_load(path, "checkpoint", map_location)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(data).__name__}, expected a dict)")
     if data.get("format") != FORMAT:

@@ -18,9 +18,9 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -325,4 +325,4 @@ def register_cli(sub) -> None:
     p.set_defaults(func=_cli_train)
 
 
-__all__ = ["TrainResult", "train", "train_config_from_dict", "resolve_device"]
+__all__ = ["TrainResult", "resolve_device", "train", "train_config_from_dict"]

@@ -331,7 +331,7 @@ def test_grayscale_visible_and_colour_infrared_are_handled(capsys, cwd, tmp_path
     o = eval_sift(capsys, f"roadscene:{root}", cwd / "out")
     assert o.code == 0, o.err[-2000:]
     assert "roadscene val (2 pairs)" in o.out
-    nc = float(re.search(r"^sift\s+\|\s+([\d.]+)", o.out, re.M).group(1))
+    nc = float(re.search(r"^sift\s+\|\s+([\d.]+)", o.out, re.MULTILINE).group(1))
     assert nc > 0, o.out  # features really were matched on the converted images
 
 

@@ -107,7 +107,7 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lambda_sl: 0.4\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "s2study", "train", str(bad)], capture_output=True, text=True
+        [sys.executable, "-m", "s2study", "train", str(bad)], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -8,7 +8,7 @@ entry that explains this when asked for.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from s2study.features import Extractor
 from s2study.registry import Registry

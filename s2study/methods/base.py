@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from s2study.registry import Registry
 
-METHODS: Registry[type["Method"]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method")
 
 
 @dataclass
@@ -43,7 +43,7 @@ class DenseFeatures:
     extras: dict[str, Tensor] = field(default_factory=dict)
     stride: int = 1
 
-    def select(self, index: slice | Tensor) -> "DenseFeatures":
+    def select(self, index: slice | Tensor) -> DenseFeatures:
         """The same features for a subset of the batch."""
         return DenseFeatures(
             self.descriptors[index],
@@ -70,11 +70,11 @@ class Keypoints:
     def __len__(self) -> int:
         return int(self.xy.shape[0])
 
-    def top(self, k: int) -> "Keypoints":
+    def top(self, k: int) -> Keypoints:
         """The ``k`` best keypoints (all of them when there are fewer)."""
         return Keypoints(self.xy[:k], self.scores[:k], self.descriptors[:k])
 
-    def to(self, device) -> "Keypoints":
+    def to(self, device) -> Keypoints:
         return Keypoints(self.xy.to(device), self.scores.to(device), self.descriptors.to(device))
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from s2study.checkpoint import safe_torch_load
 from s2study.errors import CheckpointError, ConfigError
 from s2study.methods.base import METHODS, DenseFeatures, Keypoints, Method
 
@@ -417,13 +418,7 @@ class D2Net(Method):
             CheckpointError: unreadable file, or missing / mis-shaped VGG16 keys.
         """
         path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such VGG16 weight file")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for foreign files
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{path}: not a readable weight file ({reason[:200]})") from None
+        state = safe_torch_load(path, "VGG16 weight file")
         weights = _check_pretrained_state(state, path)
         with torch.no_grad():
             for key, tensor in weights.items():

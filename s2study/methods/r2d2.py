@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from s2study.checkpoint import safe_torch_load
 from s2study.errors import CheckpointError, ConfigError
 from s2study.methods.base import METHODS, DenseFeatures, Keypoints, Method
 
@@ -147,13 +148,7 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str
             outside the whitelist.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+    obj = safe_torch_load(path, "checkpoint")
     if not is_official_checkpoint(obj):
         keys = ", ".join(sorted(map(str, obj))[:8]) if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(
