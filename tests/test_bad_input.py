@@ -38,6 +38,10 @@ from s2study.config.load import load_train_config, preset_names, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
+#: a data root that does not exist: a config that should be refused but is accepted stops at the
+#: data (a different message, so the test still fails) instead of training for real
+NO_DATA = "/nonexistent/s2study-guard/RoadScene"
+GUARD = ["--set", f"data.root={NO_DATA}"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -107,8 +111,12 @@ def write_yaml(path: Path, data) -> Path:
 
 
 def smoke_study(**changes) -> dict:
+    """The smoke study with ``changes``; its base data root is :data:`NO_DATA` unless set."""
     data = yaml.safe_load(SMOKE.read_text())
     data.update(changes)
+    if isinstance(data.get("base"), str):
+        data["base"] = {"preset": data["base"]}
+    data["base"].setdefault("data", {}).setdefault("root", NO_DATA)
     return data
 
 
@@ -140,7 +148,7 @@ def closed_port() -> int:
     "content, message",
     [
         (b"\x00\x01\x02 binary \xff\xfe", "not valid YAML"),
-        (b"lambda_ssl: [0.4\nepochs: 3\n", "not valid YAML (line 2, column 1)"),
+        (b"lambda_ssl: [0.4\nepochs: 3\n", "not valid YAML (line 2, column 7)"),
         (b"", "the file is empty; expected a mapping of config keys"),
         (b"# only a comment\n", "the file is empty"),
         (b"- lambda_ssl\n- 0.4\n", "expected a mapping of config keys, got list"),
@@ -150,7 +158,8 @@ def closed_port() -> int:
 def test_file_that_is_not_a_yaml_mapping(capsys, cwd, tmp_path, command, content, message):
     path = tmp_path / "cfg.yaml"
     path.write_bytes(content)
-    assert_user_error(cli(capsys, command, path), str(path), message)
+    extra = GUARD if command == "train" else []
+    assert_user_error(cli(capsys, command, path, *extra), str(path), message)
     assert_nothing_created(cwd)
 
 
@@ -177,7 +186,7 @@ def test_file_that_is_not_a_yaml_mapping(capsys, cwd, tmp_path, command, content
 )
 def test_train_config_rejected_naming_file_and_key(capsys, cwd, tmp_path, data, key, message):
     path = write_yaml(tmp_path / "train.yaml", data)
-    assert_user_error(cli(capsys, "train", path), f"{path}: {key}: ", message)
+    assert_user_error(cli(capsys, "train", path, *GUARD), f"{path}: {key}: ", message)
     assert_nothing_created(cwd)
 
 
@@ -185,13 +194,13 @@ def test_train_config_rejected_naming_file_and_key(capsys, cwd, tmp_path, data, 
 @pytest.mark.parametrize("key", ["lambda_ssl", "lr", "val_threshold_px", "ssl.noise_std"])
 def test_non_finite_numbers_are_out_of_range(capsys, cwd, key, value):
     """``.inf`` passes ``lambda_ssl >= 0`` and ``lr > 0``; the trainer must never see it."""
-    o = cli(capsys, "train", "r2d2-roadscene", "--set", f"{key}={value}")
+    o = cli(capsys, "train", "r2d2-roadscene", "--set", f"{key}={value}", *GUARD)
     assert_user_error(o, f"r2d2-roadscene.yaml: {key}: ")
     assert_nothing_created(cwd)
 
 
 def test_set_override_without_equals_sign(capsys, cwd):
-    assert_user_error(cli(capsys, "train", "r2d2-roadscene", "--set", "lambda_ssl"),
+    assert_user_error(cli(capsys, "train", "r2d2-roadscene", "--set", "lambda_ssl", *GUARD),
                       "--set 'lambda_ssl': expected KEY=VALUE")
     assert_nothing_created(cwd)
 
@@ -212,7 +221,7 @@ def test_unknown_preset_lists_the_known_ones(capsys, cwd):
 
 
 def test_unknown_dataset_is_refused_at_load_naming_the_key(capsys, cwd):
-    o = cli(capsys, "train", "r2d2-roadscene", "--set", "data.dataset=roadscen")
+    o = cli(capsys, "train", "r2d2-roadscene", "--set", "data.dataset=roadscen", *GUARD)
     assert_user_error(o, "r2d2-roadscene.yaml: data.dataset: ",
                       "unknown dataset 'roadscen' (did you mean 'roadscene'?)")
     assert_nothing_created(cwd)  # today the default output folder runs/train is created first
@@ -547,7 +556,7 @@ def test_official_format_with_code_as_architecture_is_refused(capsys, cwd, tmp_p
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
 def test_train_on_cuda_without_a_gpu(capsys, cwd):
-    assert_user_error(cli(capsys, "train", "r2d2-roadscene", "--device", "cuda"),
+    assert_user_error(cli(capsys, "train", "r2d2-roadscene", "--device", "cuda", *GUARD),
                       "'cuda' was requested but no CUDA GPU is available")
     assert_nothing_created(cwd)
 
@@ -556,7 +565,9 @@ def test_train_on_cuda_without_a_gpu(capsys, cwd):
 def test_output_folder_under_a_file(capsys, cwd, command):
     (cwd / "afile").write_text("a file, not a folder\n")
     if command == "train":
-        o = cli(capsys, "train", "r2d2-roadscene", "--set", "device=cpu", "--out", "afile/sub", "--max-steps", "1")
+        o = cli(capsys, "train", "r2d2-roadscene", "--set", "device=cpu", "--out", "afile/sub", "--max-steps", "1",
+                "--set", "data.max_train_pairs=1", "--set", "data.max_val_pairs=1", "--set", "crop_size=64",
+                "--set", "val_k=64", "--set", "batch_size=1", "--epochs", "1")
     else:
         o = cli(capsys, "eval", "--checkpoint", "sift", "--data", "roadscene", "--max-pairs", "1", "--k", "64",
                 "--quiet", "--out", "afile/sub")
@@ -604,7 +615,7 @@ def test_study_on_cuda_without_a_gpu_is_refused_before_ray(cwd):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "{tmp}/broken.yaml"], "not valid YAML (line 2, column 1)"),
+        (["train", "{tmp}/broken.yaml"], "not valid YAML (line 2, column 7)"),
         (["run", "{tmp}/inverted.yaml"], "space.lambda_ssl.low/high: [1.2, 0.0] is an empty or inverted range"),
         (["eval", "--checkpoint", "{tmp}/evil.pt", "--data", "roadscene", "--max-pairs", "1"], "evil.pt"),
     ],
