@@ -302,7 +302,9 @@ def _read_transform(path: Path) -> np.ndarray:
     try:
         matrix = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2)
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read ground-truth transform {path}: {exc}") from None
+        # numpy's message for a file that is not .npy advises loading it unsafely (allow_pickle)
+        reason = "not a .npy file" if "allow_pickle" in str(exc) else exc
+        raise DataError(f"cannot read ground-truth transform {path}: {reason}") from None
     return check_transform(matrix, str(path))
 
 

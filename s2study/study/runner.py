@@ -125,7 +125,12 @@ def preflight_data(cfg: StudyConfig) -> None:
                 raise DataError(f"method.weights: official: {path} is missing")
 
 
-def _cluster_checks(cfg: StudyConfig) -> None:
+def _cluster_checks(cfg: StudyConfig, storage_vouched: bool = False) -> None:
+    """Multi-node refusals and the resource fit, on the cluster Ray is connected to.
+
+    ``storage_vouched``: the caller handed Tune a filesystem object for the storage path
+    (``storage_filesystem``), which every trial receives; its reach is the caller's to vouch for.
+    """
     import ray
 
     from s2study.cluster import (
@@ -139,7 +144,7 @@ def _cluster_checks(cfg: StudyConfig) -> None:
     # run the trials may not be up yet: count the worker types the autoscaler can add.
     workers = autoscaler_worker_types()
     n = max(alive_node_count(), 1 + sum(w.max_workers for w in workers))
-    check_storage_for_cluster(cfg.storage, n)
+    check_storage_for_cluster(cfg.storage, n, shared_fs=storage_vouched)
     check_tracking_for_cluster(cfg.tracking.uri, n)
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     nodes += [w.resources for w in workers]
@@ -320,6 +325,9 @@ def run_study(
         address: a Ray cluster (``auto``, ``ray://host:10001``); None starts a local instance.
         resume: continue the study stored at ``<storage>/<name>`` (``Tuner.restore``).
         storage_filesystem: a pyarrow filesystem for ``cfg.storage`` (tests, custom stores).
+            On a cluster every trial writes through it, so it must reach the same store
+            from every node (S3, GCS, a SubTree over a shared mount): passing it lifts the
+            refusal of a storage path without a URI scheme.
         study_text: the study file's text, logged on the parent run.
         echo: where progress lines go.
 
@@ -350,7 +358,7 @@ def run_study(
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
     try:
         if address:
-            _cluster_checks(cfg)
+            _cluster_checks(cfg, storage_vouched=storage_filesystem is not None)
         experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
         parent = _study_run(cfg, fs, folder, experiment_id, resume, study_text, echo)
         outcome = StudyOutcome(cfg.name, exp_path, uri, experiment_id, parent)

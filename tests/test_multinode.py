@@ -1,0 +1,254 @@
+"""Multi-node acceptance: a real study on a real multi-node Ray cluster on this machine.
+
+``ray.cluster_utils.Cluster`` starts a head node that offers no CPU (trials cannot run there)
+and worker nodes with 2 CPUs and one (fake) GPU, each on its own address (127.0.0.2, ...), so
+every Tune result row's ``node_ip`` names the node that produced it. A real ``mlflow server``
+on this machine's network address is the tracking store, and Tune's storage is a pyarrow
+``SubTreeFileSystem`` with a ``bucket/prefix`` path, standing in for S3 (an ``s3://`` URI
+cannot resolve offline). The study is the smoke study (R2D2 from the official weights on real
+RoadScene pairs) shrunk to 3 trials asking for {cpu: 1, gpu: 0.5}.
+
+* The node-local stores a multi-node study must refuse (a sqlite tracking URI, a loopback
+  server, a local storage folder) are refused before any trial starts.
+* Every trial runs on the GPU worker; its experiment state and checkpoints are in the
+  SubTree store; MLflow holds the parent run and one complete child run per trial.
+* A worker node is removed while its trials train: they fail, are retried from their last
+  checkpoint on a new worker (``failure.max_failures``), and each still has one MLflow run
+  with metric steps 1..n.
+
+About 3 minutes on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs
+import pytest
+import ray
+from mlflow import MlflowClient
+from ray.cluster_utils import Cluster
+
+from s2study.errors import EnvironmentProblem
+from s2study.study.config import StudyConfig, TrackingConfig, load_study
+from s2study.study.runner import STATE_FILE, run_study
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "search_spaces" / "smoke.yaml"
+TRIALS = 3
+TRIAL_RESOURCES = ["resources.cpu=1", "resources.gpu=0.5", "max_concurrent=2"]
+WORKER = {"num_cpus": 2, "num_gpus": 1}  # the GPU is fake: trials train on the CPU (device: cpu)
+WORKER_IPS = ("127.0.0.2", "127.0.0.3")
+PREFIX = "bucket/studies"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> Iterator[str]:
+    """A real ``mlflow server`` reached at this machine's network address, as cluster nodes would."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    host, port = ray.util.get_node_ip_address(), _free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # 0.0.0.0 so that the loopback URI reaches it too (and is refused for what it is)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "0.0.0.0", "--port", str(port),
+         "--workers", "1", "--allowed-hosts", f"{host}:{port},127.0.0.1:{port}"],
+        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://{host}:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                    if resp.read().strip() == b"OK":
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.time() < deadline, "mlflow server did not come up"
+            time.sleep(1)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """A head node with no CPU (so no trial fits there) and one GPU worker at 127.0.0.2."""
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        c.add_node(node_ip_address=WORKER_IPS[0], **WORKER)
+        yield c
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture
+def bucket(tmp_path) -> pyarrow.fs.SubTreeFileSystem:
+    """The stand-in object store: ``bucket/studies/...`` lands under ``tmp_path/object-store``."""
+    (tmp_path / "object-store").mkdir()
+    return pyarrow.fs.SubTreeFileSystem(str(tmp_path / "object-store"), pyarrow.fs.LocalFileSystem())
+
+
+def _study(tmp_path: Path, name: str, uri: str, *overrides: str) -> StudyConfig:
+    cfg = load_study(SMOKE, [f"name={name}", *TRIAL_RESOURCES, *overrides], trials=TRIALS, cwd=tmp_path)
+    return dataclasses.replace(cfg, storage=PREFIX, tracking=TrackingConfig(uri, name))
+
+
+def _result_rows(store: Path) -> dict[str, list[dict]]:
+    """Tune's result rows per trial id, read from the trial folders in the store."""
+    rows: dict[str, list[dict]] = {}
+    for path in store.glob("run_trial_*/result.json"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows.setdefault(row["trial_id"], []).append(row)
+    return rows
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _trial_runs(client: MlflowClient, name: str, parent_run_id: str):
+    exp = client.get_experiment_by_name(name)
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`s2study.role` = 'study'")
+    assert parent.info.run_id == parent_run_id and parent.info.status == "FINISHED"
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    return client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def test_node_local_stores_are_refused_before_any_trial(cluster, tracking_uri, bucket, tmp_path):
+    loopback = tracking_uri.replace(ray.util.get_node_ip_address(), "127.0.0.1")
+    db = tmp_path / "mlflow.db"
+    cases = [
+        (_study(tmp_path, "refused", f"sqlite:///{db}"), bucket, "is a store on one node's disk"),
+        (_study(tmp_path, "refused", loopback), bucket, "points at the loopback address"),
+        (dataclasses.replace(_study(tmp_path, "refused", tracking_uri), storage=str(tmp_path / "results")), None,
+         "is on one node's local disk"),
+    ]
+    for cfg, fs, problem in cases:
+        with pytest.raises(EnvironmentProblem, match=problem) as err:
+            run_study(cfg, address=cluster.address, storage_filesystem=fs, echo=lambda line: None)
+        assert "2 nodes" in str(err.value)
+    assert not db.exists() and not (tmp_path / "results").exists()
+    assert not list((tmp_path / "object-store").iterdir())
+    assert MlflowClient(tracking_uri).get_experiment_by_name("refused") is None
+
+
+def test_trials_run_on_the_gpu_worker_with_shared_storage_and_tracking(cluster, tracking_uri, bucket, tmp_path):
+    cfg = _study(tmp_path, "multinode", tracking_uri, "asha.max_epochs=2")
+    lines: list[str] = []
+    outcome = run_study(cfg, address=cluster.address, storage_filesystem=bucket, echo=lines.append)
+    assert not outcome.interrupted and len(outcome.trials) == TRIALS
+    assert all(t.status in ("finished", "stopped_early") for t in outcome.trials), outcome.trials
+
+    store = tmp_path / "object-store" / PREFIX / "multinode"
+    assert (store / STATE_FILE).is_file() and (store / "tuner.pkl").is_file()
+    assert list(store.glob("experiment_state-*.json")) and list(store.glob("searcher-state-*.pkl"))
+    rows = _result_rows(store)
+    assert set(rows) == {t.trial_id for t in outcome.trials}
+    for trial_id, trial_rows in rows.items():
+        assert {r["node_ip"] for r in trial_rows} == {WORKER_IPS[0]}, trial_id  # never the head
+        (folder,) = store.glob(f"run_trial_{trial_id}_*")
+        assert list(folder.glob("checkpoint_*/checkpoint.pt"))
+
+    client = MlflowClient(tracking_uri)
+    runs = _trial_runs(client, "multinode", outcome.parent_run_id)
+    assert sorted(r.data.tags["s2study.trial_id"] for r in runs) == sorted(rows)
+    for run in runs:
+        trial_id = run.data.tags["s2study.trial_id"]
+        steps = _steps(client, run.info.run_id, "val_ncm")
+        assert steps == [r["epoch"] for r in rows[trial_id]] == list(range(1, len(steps) + 1))
+        assert run.data.tags["s2study.status"] == ("finished" if len(steps) == 2 else "stopped_early")
+        # uploaded from the worker through the server's artifact proxy
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    best = outcome.trials[0]
+    assert set(outcome.evaluated) == {best.trial_id}  # the evaluation task ran (on the worker: it needs a GPU)
+    assert client.get_run(best.run_id).data.metrics["eval/nc_k256"] > 0
+
+
+class _NodeKiller(threading.Thread):
+    """Removes the first worker once a trial on it has stored a checkpoint, then adds another."""
+
+    def __init__(self, cluster: Cluster, store: Path) -> None:
+        super().__init__(daemon=True)
+        self.cluster, self.store = cluster, store
+        self.error: BaseException | None = None
+        self.killed_at = 0.0
+
+    def run(self) -> None:
+        try:
+            (victim,) = self.cluster.worker_nodes
+            deadline = time.time() + 300
+            while not list(self.store.glob("run_trial_*/checkpoint_*/checkpoint.pt")):
+                if time.time() > deadline:
+                    raise TimeoutError("no trial stored a checkpoint")
+                time.sleep(0.2)
+            self.cluster.remove_node(victim, allow_graceful=False)
+            self.killed_at = time.time()
+            self.cluster.add_node(node_ip_address=WORKER_IPS[1], **WORKER)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            self.error = exc
+
+
+def test_trials_of_a_killed_worker_resume_from_their_checkpoints_on_another(cluster, tracking_uri, bucket,
+                                                                            tmp_path):
+    # no early stopping: every trial trains 3 epochs, so the kill lands while trials are mid-run
+    cfg = _study(tmp_path, "failover", tracking_uri, "asha.max_epochs=3", "asha.enabled=false",
+                 "evaluate.top_n=0", "failure.max_failures=2")
+    store = tmp_path / "object-store" / PREFIX / "failover"
+    killer = _NodeKiller(cluster, store)
+    killer.start()
+    outcome = run_study(cfg, address=cluster.address, storage_filesystem=bucket, echo=lambda line: None)
+    killer.join(timeout=60)
+    assert killer.error is None, repr(killer.error)
+    assert killer.killed_at, "the study ended before the worker was killed"
+
+    assert not outcome.interrupted
+    assert [t.status for t in outcome.trials] == ["finished"] * TRIALS, outcome.trials
+    rows = _result_rows(store)
+    moved = {tid: r for tid, r in rows.items() if {x["node_ip"] for x in r} == set(WORKER_IPS)}
+    assert moved, {tid: [(x["epoch"], x["node_ip"]) for x in r] for tid, r in rows.items()}
+    for trial_id, trial_rows in moved.items():
+        epochs = [r["epoch"] for r in trial_rows]
+        nodes = [r["node_ip"] for r in trial_rows]
+        first_on_new = nodes.index(WORKER_IPS[1])
+        # resumed from the checkpoint of its last epoch on the dead node, not from scratch
+        assert epochs == [1, 2, 3] and first_on_new > 0, (trial_id, epochs, nodes)
+        assert set(nodes[:first_on_new]) == {WORKER_IPS[0]} and set(nodes[first_on_new:]) == {WORKER_IPS[1]}
+    for trial_id, trial_rows in rows.items():
+        assert {r["node_ip"] for r in trial_rows} <= set(WORKER_IPS), trial_id
+
+    client = MlflowClient(tracking_uri)
+    runs = _trial_runs(client, "failover", outcome.parent_run_id)
+    assert sorted(r.data.tags["s2study.trial_id"] for r in runs) == sorted(t.trial_id for t in outcome.trials)
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["s2study.status"] == "finished"
+        assert _steps(client, run.info.run_id, "val_ncm") == [1, 2, 3]
+        assert _steps(client, run.info.run_id, "loss/total") == [1, 2, 3]
