@@ -271,7 +271,8 @@ def load_extractor(
         method, name = _method_from_file(path)
         _check_extract_options(method, options)
         suffix = "+ms" if options.get("multiscale") else ""
-        key = make_cache_key("checkpoint", file_digest(path), options)
+        # the method's resolved parameters are part of the key: defaults of the code can change
+        key = make_cache_key("checkpoint", file_digest(path), method.params, options)
         return MethodExtractor(method, name + suffix, key, dev, options)
 
     from s2study.baselines import load_baselines

@@ -48,7 +48,9 @@ STUDY_TIMEOUT = 1200
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1"
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
@@ -90,7 +92,9 @@ def trial_workers(sid: int, trial_dir_name: str) -> list[int]:
     found = []
     for pid in session_pids(sid):
         try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            title = (
+                Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            )
             cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
             continue
@@ -102,7 +106,9 @@ def trial_workers(sid: int, trial_dir_name: str) -> list[int]:
 def study_file(folder: Path, name: str, **changes) -> Path:
     """The smoke study's base with ``changes`` on top, written to ``folder/<name>.yaml``."""
     data = yaml.safe_load(SMOKE.read_text())
-    data.update(name=name, trials=2, max_concurrent=2, evaluate={"top_n": 0}, failure={"max_failures": 1})
+    data.update(
+        name=name, trials=2, max_concurrent=2, evaluate={"top_n": 0}, failure={"max_failures": 1}
+    )
     data.update(changes)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -128,9 +134,23 @@ def start_study(folder: Path, study: Path, *extra: str, log_name: str = "driver.
     log = folder / log_name
     with log.open("w") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "s2study", "run", str(study), "--storage", str(folder / "results"),
-             "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", *extra],
-            cwd=folder, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "s2study",
+                "run",
+                str(study),
+                "--storage",
+                str(folder / "results"),
+                "--tracking-uri",
+                f"sqlite:///{folder / 'mlflow.db'}",
+                *extra,
+            ],
+            cwd=folder,
+            env=_env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     return Driver(proc, log)
 
@@ -142,7 +162,10 @@ def wait_for(predicate, timeout: float, what: str, driver: Driver, poll: float =
         if value:
             return value
         if driver.proc.poll() is not None:
-            pytest.fail(f"the study ended (code {driver.proc.returncode}) before {what}:\n{driver.output[-4000:]}")
+            pytest.fail(
+                f"the study ended (code {driver.proc.returncode}) before {what}:\n"
+                f"{driver.output[-4000:]}"
+            )
         time.sleep(poll)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}:\n{driver.output[-4000:]}")
 
@@ -165,7 +188,11 @@ def steps(client, run_id: str, key: str = "val_ncm") -> list[int]:
 
 def tune_epochs(trial_dir: Path) -> list[int]:
     """The ``epoch`` of every result Tune recorded for a trial, in order."""
-    lines = (trial_dir / "result.json").read_text().splitlines() if (trial_dir / "result.json").is_file() else []
+    lines = (
+        (trial_dir / "result.json").read_text().splitlines()
+        if (trial_dir / "result.json").is_file()
+        else []
+    )
     return [int(json.loads(line)["epoch"]) for line in lines if line.strip()]
 
 
@@ -186,7 +213,9 @@ class FaultStudy:
         return f"sqlite:///{self.folder / 'mlflow.db'}"
 
     def trial_dirs(self) -> list[Path]:
-        return sorted(p for p in (self.folder / "results" / self.name).glob("run_trial_*") if p.is_dir())
+        return sorted(
+            p for p in (self.folder / "results" / self.name).glob("run_trial_*") if p.is_dir()
+        )
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +223,8 @@ def fault_study(tmp_path_factory) -> FaultStudy:
     folder = tmp_path_factory.mktemp("faults")
     name = f"faults-{uuid.uuid4().hex[:8]}"
     study = study_file(
-        folder, name,
+        folder,
+        name,
         space={"lr": {"type": "categorical", "choices": [1.0e-3, 1.0e30]}},
         sampler={"name": "grid", "seed": 0},
         asha={"enabled": False, "max_epochs": 3},
@@ -206,12 +236,18 @@ def fault_study(tmp_path_factory) -> FaultStudy:
     sid = driver.proc.pid
     try:
         exp = folder / "results" / name
-        first_ckpt = wait_for(lambda: sorted(exp.glob("run_trial_*/checkpoint_000000/checkpoint.pt")),
-                              STUDY_TIMEOUT, "a trial's epoch-1 checkpoint", driver)[0]
+        first_ckpt = wait_for(
+            lambda: sorted(exp.glob("run_trial_*/checkpoint_000000/checkpoint.pt")),
+            STUDY_TIMEOUT,
+            "a trial's epoch-1 checkpoint",
+            driver,
+        )[0]
         trial_dir = first_ckpt.parent.parent
         time.sleep(3.0)  # into epoch 2 (an epoch takes well over 10 s here)
         assert not (trial_dir / "checkpoint_000001").exists(), "epoch 2 ended before the kill"
-        pids = wait_for(lambda: trial_workers(sid, trial_dir.name), 60, "the trial's Ray worker", driver)
+        pids = wait_for(
+            lambda: trial_workers(sid, trial_dir.name), 60, "the trial's Ray worker", driver
+        )
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         code = driver.wait()
@@ -235,7 +271,9 @@ def test_diverging_trial_fails_with_that_reason_in_tune_and_mlflow(fault_study):
     assert len(diverged) == 1, [r.data.params.get("lr") for r in children(runs)]
     run = diverged[0]
     reason = run.data.tags.get("s2study.failure_reason", "")
-    assert run.info.status == "FAILED" and run.data.tags.get("s2study.status") == "failed", run.info.status
+    assert run.info.status == "FAILED" and run.data.tags.get("s2study.status") == "failed", (
+        run.info.status
+    )
     assert "TrainingDiverged" in reason and re.search(r"\b(nan|inf)\b", reason), reason
     assert "TrainingDiverged" in fault_study.output
 
@@ -246,9 +284,13 @@ def test_killed_trial_resumes_from_its_checkpoint_and_loses_no_epoch(fault_study
     assert fault_study.killed_pids, "no worker was killed"
     assert all(_stat(p) is None or _stat(p)[0] == "Z" for p in fault_study.killed_pids)
     # the killed attempt failed (Tune wrote its error) and the retry restored epoch 1's checkpoint
-    assert (trial_dir / "error.txt").is_file() or (trial_dir / "error.pkl").is_file(), sorted(os.listdir(trial_dir))
+    assert (trial_dir / "error.txt").is_file() or (trial_dir / "error.pkl").is_file(), sorted(
+        os.listdir(trial_dir)
+    )
     restored = re.escape(f"{trial_dir.name}/checkpoint_000000")
-    assert re.search(rf"Restored on .* from checkpoint: .*{restored}", fault_study.output), "not restored"
+    assert re.search(rf"Restored on .* from checkpoint: .*{restored}", fault_study.output), (
+        "not restored"
+    )
     assert tune_epochs(trial_dir) == [1, 2, 3], "restarted from scratch or lost an epoch"
     ckpt = max(trial_dir.glob("checkpoint_*/checkpoint.pt"))
     assert [int(h["epoch"]) for h in load_checkpoint(ckpt)["history"]] == [1, 2, 3]
@@ -277,12 +319,17 @@ def test_fault_study_leaves_no_run_running_and_one_run_per_trial(fault_study):
 @pytest.mark.e2e
 def test_ctrl_c_stops_cleanly_and_resume_completes(tmp_path):
     name = f"ctrlc-{uuid.uuid4().hex[:8]}"
-    study = study_file(tmp_path, name, asha={"enabled": False, "max_epochs": 2},
-                       sampler={"name": "random", "seed": 0})
+    study = study_file(
+        tmp_path,
+        name,
+        asha={"enabled": False, "max_epochs": 2},
+        sampler={"name": "random", "seed": 0},
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     driver = start_study(tmp_path, study)
     sid = driver.proc.pid
     try:
+
         def reported():
             client, runs = mlflow_runs(uri, name)
             return any(steps(client, r.info.run_id) for r in children(runs))
@@ -305,8 +352,9 @@ def test_ctrl_c_stops_cleanly_and_resume_completes(tmp_path):
     assert left == [], f"processes left after Ctrl-C: {left}"
     assert "s2study run" in out and "--resume" in out, "the driver should say how to continue"
     client, runs = mlflow_runs(uri, name)
-    assert runs and not [r for r in runs if r.info.status == "RUNNING"], \
-        [(r.info.run_name, r.info.status) for r in runs]
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"], [
+        (r.info.run_name, r.info.status) for r in runs
+    ]
     parent = [r for r in runs if r.data.tags.get("s2study.role") == "study"]
     assert len(parent) == 1 and parent[0].info.status == "KILLED"
     print(f"\nCtrl-C: driver exited {code} after {stop_s:.1f}s")
@@ -326,7 +374,9 @@ def test_ctrl_c_stops_cleanly_and_resume_completes(tmp_path):
     for run in kids:
         assert run.info.status == "FINISHED", (run.info.run_name, run.info.status)
         assert steps(client, run.info.run_id) == [1, 2], run.info.run_name
-    assert [r.info.status for r in runs if r.data.tags.get("s2study.role") == "study"] == ["FINISHED"]
+    assert [r.info.status for r in runs if r.data.tags.get("s2study.role") == "study"] == [
+        "FINISHED"
+    ]
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -341,14 +391,31 @@ def test_loss_turning_nan_fails_the_run_even_across_epochs(tmp_path, shared_data
     from s2study.errors import TrainingDiverged
     from s2study.train import train
 
-    cfg = load_train_config("r2d2-roadscene", [
-        "lr=1.0e+30", "steps_per_epoch=2", "epochs=3", "max_nonfinite_steps=3", "batch_size=1",
-        "crop_size=64", "val_k=64", "device=cpu", "amp=false", "data.max_train_pairs=2",
-        "data.max_val_pairs=1", "data.val_max_size=128",
-    ])
+    cfg = load_train_config(
+        "r2d2-roadscene",
+        [
+            "lr=1.0e+30",
+            "steps_per_epoch=2",
+            "epochs=3",
+            "max_nonfinite_steps=3",
+            "batch_size=1",
+            "crop_size=64",
+            "val_k=64",
+            "device=cpu",
+            "amp=false",
+            "data.max_train_pairs=2",
+            "data.max_val_pairs=1",
+            "data.val_max_size=128",
+        ],
+    )
     epochs_reported = []
     with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf)"):
-        train(cfg, out_dir=tmp_path, report=lambda m, p: epochs_reported.append(int(m["epoch"])), progress=False)
+        train(
+            cfg,
+            out_dir=tmp_path,
+            report=lambda m, p: epochs_reported.append(int(m["epoch"])),
+            progress=False,
+        )
     assert epochs_reported == [1], epochs_reported
 
 
@@ -363,8 +430,8 @@ WRITER = textwrap.dedent("""
     folder, epoch = Path(sys.argv[1]), int(sys.argv[2])
     while True:
         weights = {"w": torch.full((2048, 2048), float(epoch))}  # 16 MiB: a write takes a while
-        save_checkpoint(folder / "last.pt", {"method": {"name": "r2d2", "params": {}}, "model": weights,
-                                             "epoch": epoch})
+        payload = {"method": {"name": "r2d2", "params": {}}, "model": weights, "epoch": epoch}
+        save_checkpoint(folder / "last.pt", payload)
         history = [{"epoch": e} for e in range(1, epoch + 1)]
         atomic_write_bytes(folder / "history.json", lambda f: f.write(json.dumps(history).encode()))
         print(epoch, flush=True)
@@ -377,8 +444,11 @@ def test_checkpoint_and_history_survive_sigkill_at_random_moments(tmp_path):
     rng = random.Random(7)
     kills, epoch = 8, 1
     for _ in range(kills):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(epoch)],
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path), str(epoch)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         first = proc.stdout.readline()  # one full write done: the files exist
         assert first.strip() == str(epoch), first
         time.sleep(rng.uniform(0.0, 0.5))
@@ -394,4 +464,6 @@ def test_checkpoint_and_history_survive_sigkill_at_random_moments(tmp_path):
         assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
         epoch = last + 1
     leftovers = sorted(p.name for p in tmp_path.glob(".*.tmp"))
-    print(f"\n{kills} SIGKILLs, last epoch {epoch - 1}; temporary files left behind: {len(leftovers)}")
+    print(
+        f"\n{kills} SIGKILLs, last epoch {epoch - 1}; temporary files left behind: {len(leftovers)}"
+    )

@@ -469,12 +469,12 @@ def test_pretrained_matches_a_val_pair_far_better_than_random(roadscene, officia
     k = 1024
     pretrained = mutual_nn_correct(official_net.extract(vis, k), official_net.extract(ir, k))
     torch.manual_seed(0)
-    thresholded = R2D2().eval()
+    thresholded = R2D2(reliability_thr=0.7, repeatability_thr=0.7).eval()
     random_official = mutual_nn_correct(thresholded.extract(vis, k), thresholded.extract(ir, k))
     random_free = []
     for seed in range(3):
         torch.manual_seed(seed)
-        net = R2D2(reliability_thr=0.0, repeatability_thr=0.0).eval()
+        net = R2D2().eval()
         kp_vis, kp_ir = net.extract(vis, k), net.extract(ir, k)
         assert len(kp_vis) == len(kp_ir) == k
         random_free.append(mutual_nn_correct(kp_vis, kp_ir))

@@ -534,7 +534,10 @@ class R2D2(Method):
         ngh, subq, subd, pos_d, neg_d, border, subd_neg, maxpool_pos: the AP sampler
             (official ``NghSampler2``; negative steps mean random sampling).
         w_ap, w_cosim, w_peaky: weights of the three loss parts.
-        reliability_thr, repeatability_thr: extraction thresholds.
+        reliability_thr, repeatability_thr: extraction thresholds. 0 by default: keypoints are
+            the top K local maxima by score, as the evaluation protocol defines them; the
+            official extractor's 0.7 / 0.7 would leave fewer than 2048 keypoints on RoadScene's
+            thermal images, and fine-tuning shifts the score scale those values were set for.
         scale_f, min_size, max_size, min_scale, max_scale: the multi-scale pyramid.
     """
 
@@ -558,8 +561,8 @@ class R2D2(Method):
         "w_ap": 1.0,
         "w_cosim": 1.0,
         "w_peaky": 1.0,
-        "reliability_thr": 0.7,
-        "repeatability_thr": 0.7,
+        "reliability_thr": 0.0,
+        "repeatability_thr": 0.0,
         "scale_f": 2**0.25,
         "min_size": 256,
         "max_size": 1024,
