@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -134,19 +135,47 @@ def _env() -> dict[str, str]:
     return env
 
 
-def cli_process(cwd: Path, *args, timeout: float = 300) -> tuple[Outcome, float]:
-    """``python -m s2study ARGS`` as a user runs it; returns the outcome and the seconds it took."""
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process left in session ``sid`` (a command that ran past its timeout)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and int(fields[3]) == sid:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def cli_process(cwd: Path, *args, timeout: float = 240) -> tuple[Outcome, float]:
+    """``python -m s2study ARGS`` as a user runs it; returns the outcome and the seconds it took.
+
+    The command runs in its own session; past ``timeout`` everything it started is killed
+    (Ray's processes included) and the test fails.
+    """
     t0 = time.perf_counter()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "s2study", *map(str, args)],
         cwd=cwd,
         env=_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
+        start_new_session=True,
     )
-    return Outcome(proc.returncode, proc.stdout, proc.stderr), time.perf_counter() - t0
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(
+            f"s2study {' '.join(map(str, args))} ran past {timeout}s:\n{(out + err)[-3000:]}"
+        )
+    finally:
+        _kill_session(proc.pid)
+    return Outcome(proc.returncode, out, err), time.perf_counter() - t0
 
 
 def closed_port() -> int:
@@ -880,7 +909,7 @@ def test_storage_under_a_file_is_refused_before_anything_starts(cwd):
         "asha.max_epochs=1",
         "--set",
         "evaluate.top_n=0",
-        timeout=300,
+        timeout=240,
     )
     assert_user_error(o, "storage", str(cwd / "afile" / "results"))
     assert sorted(p.name for p in cwd.iterdir()) == ["afile"], "MLflow or Ray state was created"
@@ -903,7 +932,7 @@ def test_study_on_cuda_without_a_gpu_is_refused_before_ray(cwd):
         "asha.max_epochs=1",
         "--set",
         "evaluate.top_n=0",
-        timeout=300,
+        timeout=240,
     )
     assert_user_error(o, "device", "cuda")
     assert_nothing_created(cwd)
