@@ -48,9 +48,9 @@ STUDY_TIMEOUT = 1200
 
 
 def _env() -> dict[str, str]:
-    env = dict(
-        os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1"
-    )
+    # RAY_ADDRESS=local: a fresh Ray instance, never a `ray start` cluster found on this machine
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.update(PYTHONUNBUFFERED="1", RAY_ADDRESS="local")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
