@@ -15,8 +15,11 @@ Usage::
 
     python benchmarks/run.py                       # the default set (about 10 min, 2-core CPU)
     python benchmarks/run.py --only mnn_4096 ssl_sample --repeats 5
+    python benchmarks/run.py --threads 1 --bf16    # 1 thread (steady CPU times), CPU bf16 steps
     python benchmarks/run.py --device cuda --json bench_gpu.json
     python benchmarks/run.py --only study_overhead  # optional: needs ray, optuna (and mlflow)
+
+See ``benchmarks/README.md`` for what each benchmark measures, the targets and the figures.
 
 Data and weights are found as everywhere in s2study (``S2STUDY_DATA``, ``S2STUDY_WEIGHTS``, else
 ``../shared``). The JSON maps each benchmark name to ``{"median_s", "min_s", "max_s",
@@ -31,6 +34,7 @@ import contextlib
 import ctypes
 import dataclasses
 import io
+import itertools
 import json
 import os
 import platform
@@ -303,11 +307,10 @@ def _s2_step_variants(
     gen = torch.Generator(device=ctx.device)
 
     def batch_maker() -> Callable[[], Any]:
-        calls = [0]
+        calls = itertools.count()
 
         def make():
-            i = calls[0]
-            calls[0] += 1
+            i = next(calls)
             gen.manual_seed(1000 + i)
             chosen = [samples[(i * b + j) % len(samples)] for j in range(b)]
             return make_s2_batch(

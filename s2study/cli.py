@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from s2study import __version__
@@ -44,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """The user-facing line of an error; an error re-raised by a DataLoader worker carries the
+    worker's traceback in its message, whose last line is the original message."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(exc).__name__
+    return re.sub(r"^[\w.]*\.\w+: ", "", lines[-1].strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -55,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except S2StudyError as exc:
         if args.debug:
             raise
-        print(f"s2study: error: {exc}", file=sys.stderr)
+        print(f"s2study: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("s2study: interrupted", file=sys.stderr)

@@ -497,15 +497,16 @@ def _add_extractor_args(p: argparse.ArgumentParser, many: bool) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from s2study.data.datasets import open_dataset
     from s2study.extractor import load_extractor
+    from s2study.paths import output_dir
 
     data_cfg = parse_data_spec(args.data)
     ks = check_ks(args.k)
     check_thresholds(args.threshold, DEFAULT_THRESHOLDS)
+    out = output_dir(args.out)
     dataset = open_dataset(data_cfg, args.split)
     extractors = [
         load_extractor(c, device=args.device, multiscale=args.multiscale) for c in args.checkpoint
     ]
-    out = Path(args.out).absolute()
     cache = None if args.no_cache else Path(args.cache_dir or out / "cache")
     result = evaluate(
         extractors,

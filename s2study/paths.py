@@ -73,3 +73,23 @@ def shared_weights_dir(explicit: str | os.PathLike | None = None) -> Path:
             tried.append((f"${WEIGHTS_ENV}", Path(os.environ[WEIGHTS_ENV]).expanduser().absolute()))
         tried += [("shared weights", p) for p in _shared_candidates("weights")]
     return _first_existing(tried, "weights folder", WEIGHTS_ENV)
+
+
+def output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` as an absolute folder that can be created and written, checked before any work.
+
+    Raises:
+        EnvironmentProblem: an existing part of the path is a file, or not writable.
+    """
+    from s2study.errors import EnvironmentProblem
+
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EnvironmentProblem(f"{flag} {target}: cannot create the output folder ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EnvironmentProblem(f"{flag} {target}: {existing} is not writable")
+    return target
+

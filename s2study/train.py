@@ -111,6 +111,14 @@ def validate(method, dataset, k: int, threshold: float, device: torch.device) ->
     return {"val_nc": mean.nc, "val_ncm": mean.ncm, "val_cmr": mean.cmr, "val_rep": mean.repeatability}
 
 
+def _closing(bar):
+    """Iterate a progress bar and close it however the loop ends (errors print on a clean line)."""
+    try:
+        yield from bar
+    finally:
+        bar.close()
+
+
 def _cycle(loader, steps: int):
     """``steps`` batches from ``loader``, restarting it when exhausted."""
     done = 0
@@ -156,17 +164,18 @@ def train(
     from s2study.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
     from s2study.data.batch import make_s2_batch
     from s2study.data.datasets import open_dataset
+    from s2study.paths import output_dir
     from s2study.s2loss import s2_loss
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="s2study-train-"))
-    out.mkdir(parents=True, exist_ok=True)
     crop, lr, wd = method_defaults(cfg)
     train_set = open_dataset(cfg.data, cfg.data.train_split)
     val_set = open_dataset(cfg.data, cfg.data.val_split)
-
     method = build_model(cfg, device)
+    # the output folder is created only once the data and the model are known to be good
+    out = output_dir(out_dir, "out_dir") if out_dir else Path(tempfile.mkdtemp(prefix="s2study-train-"))
+    out.mkdir(parents=True, exist_ok=True)
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=wd)
     start_epoch, best_ncm, history = 1, -math.inf, []
@@ -201,7 +210,7 @@ def train(
         generator=loader_gen,
     )
     last_path, best_path = out / "last.pt", out / "best.pt"
-    steps_done = 0
+    steps_done = nonfinite = 0  # consecutive non-finite losses, counted across epochs
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs + 1):
         torch.manual_seed(epoch_seed(cfg.seed, epoch))  # the losses' own sampling
@@ -210,7 +219,7 @@ def train(
         method.train()
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
-        nonfinite = n_steps = 0
+        n_steps = 0
         bar = tqdm(
             _cycle(loader, steps_per_epoch),
             total=steps_per_epoch,
@@ -218,7 +227,7 @@ def train(
             disable=not progress,
             leave=False,
         )
-        for samples in bar:
+        for samples in _closing(bar):
             batch = make_s2_batch(
                 samples, crop, cfg.sl, cfg.ssl,
                 ssl_vis=with_ssl and cfg.ssl_vis, ssl_ir=with_ssl and cfg.ssl_ir,
@@ -248,7 +257,6 @@ def train(
                 bar.set_postfix({k: f"{float(v) / n_steps:.3f}" for k, v in sums.items() if "/" not in k})
             if max_steps and steps_done >= max_steps:
                 break
-        bar.close()
         train_time = time.perf_counter() - t0
         metrics: dict[str, float] = {"epoch": float(epoch)}
         metrics.update({f"loss/{k}": float(v) / max(n_steps, 1) for k, v in sums.items()})
@@ -299,9 +307,11 @@ def _cli_train(args: argparse.Namespace) -> int:
         overrides.append(f"epochs={args.epochs}")
     if args.device:
         overrides.append(f"device={args.device}")
+    from s2study.paths import output_dir
+
     cfg = load_train_config(args.config, overrides)
+    out = output_dir(args.out)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = Path(args.out).resolve()
     result = train(cfg, out_dir=out, resume_from=args.resume, max_steps=args.max_steps)
     print(f"best val NCM {result.best_val_ncm:.1f}; checkpoints: {result.best_checkpoint}, {result.last_checkpoint}")
     return 0

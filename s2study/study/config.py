@@ -47,6 +47,7 @@ from s2study.config.load import (
     build_dataclass,
     config_to_dict,
     flatten,
+    preset_names,
     read_yaml,
     resolve_config_path,
     train_config_from_dict,
@@ -280,7 +281,7 @@ def study_from_dict(raw: dict[str, Any], source: str, study_dir: Path | None = N
         base=base,
         space=space,
         asha=dataclasses.replace(cfg.asha, max_epochs=max_epochs),
-        storage=resolve_storage(cfg.storage, cwd),
+        storage=resolve_storage(cfg.storage, cwd, source),
         tracking=TrackingConfig(
             uri=_resolve_tracking_uri(cfg.tracking.uri, cwd, source),
             experiment=cfg.tracking.experiment or name,
@@ -302,14 +303,22 @@ def _resolve_base(raw: Any, source: str, study_dir: Path, cwd: Path) -> dict[str
     if preset is not None:
         if not isinstance(preset, str):
             raise ConfigError(f"{source}: base.preset: {preset!r} is not allowed; expected a preset name or path")
-        local = study_dir / preset
         try:
-            data = read_yaml(local if local.is_file() else resolve_config_path(preset))
+            data = read_yaml(_preset_path(preset, study_dir))
         except ConfigError as exc:
             raise ConfigError(f"{source}: base.preset: {exc}") from None
+        except (OSError, ValueError):  # a name no file can have (NUL byte, too long)
+            raise ConfigError(f"{source}: base.preset: "
+                              + unknown_name_message("preset", preset, preset_names())) from None
     data = _merge(data, raw)
-    _absolute_paths(data, cwd)
+    _absolute_paths(data, cwd, source)
     return data
+
+
+def _preset_path(preset: str, study_dir: Path) -> Path:
+    """A file next to the study, else a train YAML path or a shipped preset name."""
+    local = study_dir / preset
+    return local if local.is_file() else resolve_config_path(preset)
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -319,20 +328,37 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _absolute_paths(base: dict[str, Any], cwd: Path) -> None:
+def _absolute_paths(base: dict[str, Any], cwd: Path, source: str) -> None:
     data, method = base.get("data"), base.get("method")
     if isinstance(data, dict) and isinstance(data.get("root"), str):
-        data["root"] = str((cwd / Path(data["root"]).expanduser()).resolve())
+        data["root"] = _absolute(data["root"], cwd, f"{source}: base.data.root")
     if isinstance(method, dict) and isinstance(method.get("weights"), str) and method["weights"] != "official":
-        method["weights"] = str((cwd / Path(method["weights"]).expanduser()).resolve())
+        method["weights"] = _absolute(method["weights"], cwd, f"{source}: base.method.weights")
 
 
-def resolve_storage(storage: str | None, cwd: Path) -> str:
-    """An absolute local folder, or a URI such as ``s3://bucket/prefix`` unchanged."""
+def _absolute(path: str, cwd: Path, where: str) -> str:
+    """``path`` (``~`` expanded) resolved against ``cwd``.
+
+    Raises:
+        ConfigError: ``where`` and the path, for a NUL byte, an unknown ``~user`` or a name
+            the filesystem refuses.
+    """
+    try:
+        return str((cwd / Path(path).expanduser()).resolve())
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{where}: {path!r} is not a usable path ({exc})") from None
+
+
+def resolve_storage(storage: str | None, cwd: Path, source: str = "") -> str:
+    """An absolute local folder, or a URI such as ``s3://bucket/prefix`` unchanged.
+
+    Raises:
+        ConfigError: a local path that cannot be resolved (NUL byte, unknown ``~user``).
+    """
     if storage and "://" in storage and not storage.startswith("file://"):
         return storage
     local = (storage or DEFAULT_STORAGE).removeprefix("file://")
-    return str((cwd / Path(local).expanduser()).resolve())
+    return _absolute(local, cwd, f"{source}: storage" if source else "storage")
 
 
 def _resolve_tracking_uri(uri: str | None, cwd: Path, source: str) -> str:

@@ -60,6 +60,13 @@ def normalize_tracking_uri(uri: str | None, cwd: Path) -> str:
         ConfigError: the MLflow file store (``./mlruns``, ``file:``), in-memory sqlite, or an
             unknown scheme.
     """
+    try:
+        return _normalize_tracking_uri(uri, cwd)
+    except (OSError, ValueError, RuntimeError) as exc:  # a malformed URL, a NUL byte in the path
+        raise ConfigError(f"{uri!r} is not a usable tracking URI ({exc})") from None
+
+
+def _normalize_tracking_uri(uri: str | None, cwd: Path) -> str:
     if uri is None:
         return f"sqlite:///{(cwd / 'mlflow.db').resolve()}"
     scheme = urlparse(uri).scheme.split("+")[0]
