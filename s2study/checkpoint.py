@@ -15,7 +15,11 @@ corrupt checkpoint behind.
 
 from __future__ import annotations
 
+import builtins
 import os
+import pickle
+import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,9 @@ from s2study.errors import CheckpointError
 
 FORMAT = "s2study-checkpoint"
 VERSION = 1
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -68,8 +75,52 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint", map_location="cp
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt or foreign files
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable {what} ({reason[:200]})") from None
+        reason = load_failure_reason(exc, _starts_as_zip(path))
+        raise CheckpointError(f"{path}: not a readable {what}: {reason}") from None
+
+
+def _starts_as_zip(path: Path) -> bool:
+    """The file begins like the zip archive ``torch.save`` writes."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
+def _global_name(name: str) -> str:
+    """``io.open`` -> ``io.open, i.e. builtins.open`` where it is that builtin (no import)."""
+    module, _, attr = name.rpartition(".")
+    loaded = sys.modules.get(module)
+    if (
+        module != "builtins"
+        and loaded is not None
+        and getattr(builtins, attr, None) is getattr(loaded, attr, object())
+    ):
+        return f"{name}, i.e. builtins.{attr}"
+    return name
+
+
+def load_failure_reason(exc: BaseException, is_zip: bool) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line, for the user.
+
+    ``is_zip``: the file starts like a ``torch.save`` archive, so a read failure means it is
+    cut short or damaged. Never relays torch's advice to retry with ``weights_only=False``
+    (that would run code from the file) and drops its terminal escape codes.
+    """
+    text = _ANSI_ESCAPE.sub("", str(exc))
+    refused = _REFUSED_GLOBAL.search(text)
+    if isinstance(exc, pickle.UnpicklingError) and refused:
+        return (
+            "refused: the file holds Python objects that are not plain data (Unsupported "
+            f"global: GLOBAL {_global_name(refused.group(1))}); s2study loads files with "
+            "weights_only=True and never runs code from a file"
+        )
+    if isinstance(exc, EOFError) and not text.strip():
+        return "the file is empty"
+    if is_zip or "central directory" in text:
+        return "the file is truncated or corrupted (its zip archive cannot be read)"
+    return "not a PyTorch file (expected a file written by torch.save)"
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict[str, Any]:

@@ -202,11 +202,9 @@ def _check_extract_options(method: Method, options: dict[str, Any]) -> None:
 
 
 def _load_raw(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (torch raises many types for unreadable files)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+    from s2study.checkpoint import safe_torch_load
+
+    return safe_torch_load(path, "checkpoint")
 
 
 def _method_from_file(path: Path) -> tuple[Method, str]:

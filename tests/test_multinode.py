@@ -22,8 +22,10 @@ About 3 minutes on 2 idle cores.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,6 +68,7 @@ def tracking_uri(tmp_path_factory) -> Iterator[str]:
     """A real ``mlflow server`` reached at this machine's network address, as cluster nodes would."""
     folder = tmp_path_factory.mktemp("mlflow")
     host, port = ray.util.get_node_ip_address(), _free_port()
+    assert not ipaddress.ip_address(host).is_loopback, "a multi-node study needs a network address, not loopback"
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     env.pop("MLFLOW_TRACKING_URI", None)
     # 0.0.0.0 so that the loopback URI reaches it too (and is refused for what it is)
@@ -163,8 +166,7 @@ def test_node_local_stores_are_refused_before_any_trial(cluster, tracking_uri, b
 
 def test_trials_run_on_the_gpu_worker_with_shared_storage_and_tracking(cluster, tracking_uri, bucket, tmp_path):
     cfg = _study(tmp_path, "multinode", tracking_uri, "asha.max_epochs=2")
-    lines: list[str] = []
-    outcome = run_study(cfg, address=cluster.address, storage_filesystem=bucket, echo=lines.append)
+    outcome = run_study(cfg, address=cluster.address, storage_filesystem=bucket, echo=lambda line: None)
     assert not outcome.interrupted and len(outcome.trials) == TRIALS
     assert all(t.status in ("finished", "stopped_early") for t in outcome.trials), outcome.trials
 
@@ -193,42 +195,43 @@ def test_trials_run_on_the_gpu_worker_with_shared_storage_and_tracking(cluster, 
     assert client.get_run(best.run_id).data.metrics["eval/nc_k256"] > 0
 
 
-class _NodeKiller(threading.Thread):
-    """Removes the first worker once a trial on it has stored a checkpoint, then adds another."""
+class _StudyThread(threading.Thread):
+    """``run_study`` in the background: Ray's node processes can only be started from the main thread."""
 
-    def __init__(self, cluster: Cluster, store: Path) -> None:
+    def __init__(self, **kwargs) -> None:
         super().__init__(daemon=True)
-        self.cluster, self.store = cluster, store
-        self.error: BaseException | None = None
-        self.killed_at = 0.0
+        self.kwargs = kwargs
+        self.outcome, self.error = None, None
 
     def run(self) -> None:
         try:
-            (victim,) = self.cluster.worker_nodes
-            deadline = time.time() + 300
-            while not list(self.store.glob("run_trial_*/checkpoint_*/checkpoint.pt")):
-                if time.time() > deadline:
-                    raise TimeoutError("no trial stored a checkpoint")
-                time.sleep(0.2)
-            self.cluster.remove_node(victim, allow_graceful=False)
-            self.killed_at = time.time()
-            self.cluster.add_node(node_ip_address=WORKER_IPS[1], **WORKER)
+            self.outcome = run_study(**self.kwargs)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
             self.error = exc
 
 
 def test_trials_of_a_killed_worker_resume_from_their_checkpoints_on_another(cluster, tracking_uri, bucket,
-                                                                            tmp_path):
+                                                                            tmp_path, capsys):
     # no early stopping: every trial trains 3 epochs, so the kill lands while trials are mid-run
     cfg = _study(tmp_path, "failover", tracking_uri, "asha.max_epochs=3", "asha.enabled=false",
                  "evaluate.top_n=0", "failure.max_failures=2")
     store = tmp_path / "object-store" / PREFIX / "failover"
-    killer = _NodeKiller(cluster, store)
-    killer.start()
-    outcome = run_study(cfg, address=cluster.address, storage_filesystem=bucket, echo=lambda line: None)
-    killer.join(timeout=60)
-    assert killer.error is None, repr(killer.error)
-    assert killer.killed_at, "the study ended before the worker was killed"
+    (victim,) = cluster.worker_nodes
+    study = _StudyThread(cfg=cfg, address=cluster.address, storage_filesystem=bucket, echo=lambda line: None)
+    study.start()
+    # the driver's progress line: Tune holds the trial's epoch-1 result and its checkpoint
+    output, deadline = "", time.time() + 300
+    while not re.search(r"\]\s+\w+ epoch 1/3 ", output):
+        assert study.is_alive(), f"the study ended before the worker was killed: {study.error!r}"
+        assert time.time() < deadline, "no trial reported an epoch:\n" + output[-3000:]
+        time.sleep(0.2)
+        output += capsys.readouterr().out
+    cluster.remove_node(victim, allow_graceful=False)
+    cluster.add_node(node_ip_address=WORKER_IPS[1], **WORKER)
+    study.join(timeout=400)
+    assert not study.is_alive(), "the study did not finish after the worker was replaced"
+    assert study.error is None, repr(study.error)
+    outcome = study.outcome
 
     assert not outcome.interrupted
     assert [t.status for t in outcome.trials] == ["finished"] * TRIALS, outcome.trials

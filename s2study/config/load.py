@@ -9,6 +9,8 @@ file, the dotted key, the value and what is allowed, e.g.::
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,6 +25,25 @@ from s2study.registry import unknown_name_message
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads YAML 1.2 floats such as ``1e-4`` as numbers.
+
+    YAML 1.1 requires a dot in the mantissa, so PyYAML reads ``lr: 1e-4`` as a string.
+    """
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML text with :class:`YamlLoader` (safe: plain data types only)."""
+    return yaml.load(text, Loader=YamlLoader)
+
+
 def preset_names() -> list[str]:
     """Names of the presets shipped with the package (``r2d2-roadscene``, ...)."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
@@ -34,7 +55,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
@@ -53,14 +74,22 @@ def resolve_config_path(name_or_path: str) -> Path:
         ConfigError: neither a file nor a preset (lists the presets).
     """
     path = Path(name_or_path)
-    if path.is_file():
+    if _is_file(path):
         return path.resolve()
     preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if preset.is_file():
+    if _is_file(preset):
         return preset
     if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
         raise ConfigError(f"{name_or_path}: no such file")
     raise ConfigError(unknown_name_message("preset", name_or_path, preset_names()))
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the OS refuses the name (too long, NUL byte)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -69,7 +98,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. lambda_ssl=0.8")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml_text(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -151,6 +180,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(
+                    f"{source}: {key}: {value!r} is not allowed; expected a finite number"
+                )
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -186,12 +219,23 @@ def build_dataclass(cls: type, data: dict[str, Any], source: str, prefix: str = 
 def train_config_from_dict(data: dict[str, Any], source: str = "<config>") -> TrainConfig:
     """Validate a plain mapping as a :class:`TrainConfig` (method parameters included)."""
     cfg = build_dataclass(TrainConfig, data, source)
+    check_dataset(cfg, source)
     check_method(cfg, source)
     return cfg
 
 
+def check_dataset(cfg: TrainConfig, source: str) -> None:
+    """``data.dataset`` names a registered dataset."""
+    from s2study.data.datasets import DATASETS
+
+    if cfg.data.dataset not in DATASETS:
+        msg = unknown_name_message("dataset", cfg.data.dataset, DATASETS.names())
+        raise ConfigError(f"{source}: data.dataset: {msg}")
+
+
 def check_method(cfg: TrainConfig, source: str) -> None:
-    """The method exists and every ``method.params`` key is one of its parameters."""
+    """The method exists, every ``method.params`` key is one of its parameters and the
+    method accepts every value (checked without building the network)."""
     from s2study.methods import load_methods
 
     methods = load_methods()
@@ -203,6 +247,50 @@ def check_method(cfg: TrainConfig, source: str) -> None:
         if key not in allowed:
             msg = unknown_name_message(f"parameter of method {cfg.method.name!r}", key, allowed)
             raise ConfigError(f"{source}: method.params.{key}: {msg}")
+    _check_param_values(methods.get(cfg.method.name), dict(cfg.method.params), source)
+
+
+def _param_kind(default: Any) -> tuple[tuple[type, ...], str] | None:
+    """The value types a parameter with this default takes, and their name (None: any)."""
+    if isinstance(default, bool):
+        return (bool,), "true/false"
+    if isinstance(default, (int, float)):
+        return (int, float), "a number"
+    if isinstance(default, str):
+        return (str,), "a string"
+    if isinstance(default, (list, tuple)):
+        return (list, tuple), "a list"
+    return None
+
+
+def _check_param_values(cls: Any, params: dict[str, Any], source: str) -> None:
+    """Type-check ``params`` against the method's defaults, then run its own validator.
+
+    The validator (``cls._validate_params``) only reads ``self.params`` and
+    ``self.default_params``, so it runs on a plain namespace instead of a built network.
+    """
+    for key, value in params.items():
+        kind = _param_kind(cls.default_params[key])
+        bad_type = kind is not None and (
+            not isinstance(value, kind[0]) or (bool not in kind[0] and isinstance(value, bool))
+        )
+        if bad_type or (isinstance(value, float) and not math.isfinite(value)):
+            expected = "a finite number" if not bad_type else kind[1]
+            raise ConfigError(
+                f"{source}: method.params.{key}: {value!r} is not allowed; expected {expected}"
+            )
+    validate = getattr(cls, "_validate_params", None)
+    if validate is None:
+        return
+    merged = {**cls.default_params, **params}
+    try:
+        validate(types.SimpleNamespace(params=merged, default_params=cls.default_params))
+    except ConfigError as exc:
+        msg, prefix = str(exc), f"{cls.name}."
+        where = f"method.params.{msg[len(prefix):]}" if msg.startswith(prefix) else f"method.params: {msg}"
+        raise ConfigError(f"{source}: {where}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: method.params: {exc}") from None
 
 
 def load_train_config(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:

@@ -62,6 +62,10 @@ def read_image(path: Path, gray: bool = False) -> np.ndarray:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
         raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    if data.size == 0:  # cv2.imdecode asserts on an empty buffer
+        raise DataError(
+            f"cannot decode image {path}: unreadable, truncated or not an image (the file is empty)"
+        )
     image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
     if image is None:
         raise DataError(f"cannot decode image {path}: unreadable, truncated or not an image")

@@ -274,6 +274,7 @@ def study_from_dict(raw: dict[str, Any], source: str, study_dir: Path | None = N
                           f"{max_epochs} epochs each trial trains")
     space = parse_space(raw_space, source, flatten(base))
     _check_corners(space, base, source)
+    _check_cuda_has_gpu(space, base, cfg.resources, source)
     _check_sampler(cfg, space, source)
     return dataclasses.replace(
         cfg,
@@ -376,6 +377,24 @@ def _check_corners(space: tuple[ParamSpec, ...], base: dict[str, Any], source: s
     for values in corner_cases(space, base_flat):
         combo = ", ".join(f"{k}={v!r}" for k, v in values.items())
         train_config_from_dict(overlay(base, values), source=f"{source}: space (at {combo})")
+
+
+def cuda_corners(space: tuple[ParamSpec, ...], base: dict[str, Any]) -> list[str]:
+    """The corners of the space (``key=value, ...``; ``base`` for none) that train on ``device: cuda``."""
+    out = []
+    for values in corner_cases(space, flatten(base)):
+        if overlay(base, values).get("device") == "cuda":
+            out.append(", ".join(f"{k}={v!r}" for k, v in values.items()) or "base")
+    return out
+
+
+def _check_cuda_has_gpu(space: tuple[ParamSpec, ...], base: dict[str, Any], resources: ResourcesConfig,
+                        source: str) -> None:
+    """A trial on ``device: cuda`` must ask Ray for a GPU, else it runs where there is none."""
+    corners = cuda_corners(space, base)
+    if corners and resources.gpu == 0:
+        raise ConfigError(f"{source}: resources.gpu: 0, but device: 'cuda' is requested (at {corners[0]}); "
+                          "set resources.gpu (e.g. 1 or 0.25) or use device: auto or cpu")
 
 
 def _check_sampler(cfg: StudyConfig, space: tuple[ParamSpec, ...], source: str) -> None:

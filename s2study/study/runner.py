@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,9 +37,9 @@ from ray import tune
 
 from s2study.config.load import build_dataclass, config_to_dict, flatten
 from s2study.config.schema import DataConfig
-from s2study.errors import ConfigError, DataError
+from s2study.errors import ConfigError, DataError, EnvironmentProblem
 from s2study.study import tracking
-from s2study.study.config import StudyConfig, check_resources, local_node_resources
+from s2study.study.config import StudyConfig, check_resources, cuda_corners, local_node_resources
 from s2study.study.space import DefineByRun, corner_cases, grid_values, overlay
 from s2study.study.trainable import CHECKPOINT_FILE, TrialSettings, run_trial, trial_config
 
@@ -123,6 +124,36 @@ def preflight_data(cfg: StudyConfig) -> None:
             path = shared_weights_dir() / "r2d2_WASF_N16.pt"
             if not path.is_file():
                 raise DataError(f"method.weights: official: {path} is missing")
+
+
+def check_local_cuda(cfg: StudyConfig) -> None:
+    """A local study whose space trains on ``device: cuda`` needs CUDA on this machine.
+
+    Raises:
+        EnvironmentProblem: naming the corner that asks for ``cuda``.
+    """
+    import torch
+
+    corners = cuda_corners(cfg.space, cfg.base)
+    if corners and not torch.cuda.is_available():
+        raise EnvironmentProblem(f"{cfg.source}: device: 'cuda' is requested (at {corners[0]}) but no CUDA "
+                                 "GPU is available here; use device: auto or cpu, or --address a cluster "
+                                 "with GPUs")
+
+
+def check_local_storage(path: str) -> None:
+    """The local storage folder can be created: its nearest existing ancestor is a writable folder.
+
+    Raises:
+        EnvironmentProblem: naming the storage path and the ancestor in the way.
+    """
+    ancestor = Path(path)
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise EnvironmentProblem(f"storage: {path}: cannot create the study folder ({ancestor} is not a folder)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise EnvironmentProblem(f"storage: {path}: cannot create the study folder ({ancestor} is not writable)")
 
 
 def _cluster_checks(cfg: StudyConfig, storage_vouched: bool = False) -> None:
@@ -342,8 +373,11 @@ def run_study(
 
     uri = cfg.tracking.uri
     if address is None:
+        check_local_cuda(cfg)
         check_resources(cfg, local_node_resources())
         preflight_data(cfg)
+    if storage_filesystem is None and "://" not in cfg.storage:
+        check_local_storage(cfg.storage)
     tracking.check_tracking_reachable(uri)
     exp_path = experiment_path(cfg)
     fs, folder = _fs_and_dir(cfg, storage_filesystem)
@@ -354,8 +388,8 @@ def run_study(
     started = not ray.is_initialized()
     if started and address:
         ray.init(address=address, logging_level=logging.WARNING)
-    elif started:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    elif started:  # "local": never join a cluster started with `ray start` on this machine
+        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     try:
         if address:
             _cluster_checks(cfg, storage_vouched=storage_filesystem is not None)
@@ -465,7 +499,7 @@ def summarize(cfg: StudyConfig, grid: Any, uri: str, experiment_id: str, parent:
         out.append(TrialSummary(
             trial_id=trial_id, name=run.info.run_name if run else trial_id, status=status, epochs=epochs,
             best=best, last=values[-1] if values else None,
-            sampled={k: v for k, v in result.config.items()}, run_id=run.info.run_id if run else None,
+            sampled=dict(result.config or {}), run_id=run.info.run_id if run else None,
             error=_last_line(result.error) if result.error else None,
         ))
     sign = -1 if cfg.mode == "max" else 1

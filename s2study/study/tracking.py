@@ -57,8 +57,8 @@ def normalize_tracking_uri(uri: str | None, cwd: Path) -> str:
     http(s), databricks and database URIs pass unchanged.
 
     Raises:
-        ConfigError: the MLflow file store (``./mlruns``, ``file:``), in-memory sqlite, or an
-            unknown scheme.
+        ConfigError: the MLflow file store (``./mlruns``, ``file:``), in-memory sqlite, an
+            unknown scheme, or a malformed URI (``http://[::1``, a NUL byte).
     """
     try:
         return _normalize_tracking_uri(uri, cwd)
