@@ -269,8 +269,14 @@ EPOCH = re.compile(r"\]\s+(\w+) epoch (\d+)/")
 ENDED = re.compile(r"\]\s+(\w+) (finished|stopped early)")
 
 
+# Longer epochs and more trials than the shared smoke run, so that on an idle machine the study
+# is still running well after its first trials ended (the smoke study alone can end in 20 s).
+RESUME_SETTINGS = ("--set", "base.steps_per_epoch=8", "--set", "trials=8")
+RESUME_TRIALS = 8
+
+
 def test_resume_after_killing_the_driver(tmp_path):
-    proc = subprocess.Popen(_command(tmp_path), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_command(tmp_path, *RESUME_SETTINGS), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     reader = _Reader(proc.stdout)
     reader.start()
@@ -281,7 +287,7 @@ def test_resume_after_killing_the_driver(tmp_path):
             ended = {m[1]: t for t, line in reader.lines if (m := ENDED.search(line))}
             # Tune snapshots its state at most every 10 s: kill well after a trial ended
             settled = [tid for tid, t in ended.items() if time.time() - t > 15]
-            if len(reported) >= 2 and settled and len(ended) < TRIALS:
+            if len(reported) >= 2 and settled and len(ended) < RESUME_TRIALS:
                 break
             assert proc.poll() is None, "the study ended before it could be killed:\n" + reader.text()[-3000:]
             assert time.time() < deadline, reader.text()[-3000:]
@@ -296,7 +302,7 @@ def test_resume_after_killing_the_driver(tmp_path):
     before = {r.data.tags["s2study.trial_id"]: r for r in study.children()}
     histories_before = {tid: _history_steps(study.client, before[tid].info.run_id, "val_ncm") for tid in settled}
 
-    resumed = subprocess.run(_command(tmp_path, "--resume"), cwd=tmp_path, env=_env(), check=False,
+    resumed = subprocess.run(_command(tmp_path, *RESUME_SETTINGS, "--resume"), cwd=tmp_path, env=_env(), check=False,
                              capture_output=True, text=True, timeout=STUDY_TIMEOUT)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-4000:]
@@ -306,7 +312,7 @@ def test_resume_after_killing_the_driver(tmp_path):
     assert parent.info.run_id == parent_before.info.run_id and parent.info.status == "FINISHED"
     runs = study.children()
     trial_ids = [r.data.tags["s2study.trial_id"] for r in runs]
-    assert len(trial_ids) == len(set(trial_ids)) == TRIALS
+    assert len(trial_ids) == len(set(trial_ids)) == RESUME_TRIALS
     assert set(settled) <= set(trial_ids)
     for trial_id, run in before.items():  # a trial started after Tune's last snapshot is lost
         if trial_id not in trial_ids:

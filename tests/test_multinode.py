@@ -12,11 +12,11 @@ RoadScene pairs) shrunk to 3 trials asking for {cpu: 1, gpu: 0.5}.
   server, a local storage folder) are refused before any trial starts.
 * Every trial runs on the GPU worker; its experiment state and checkpoints are in the
   SubTree store; MLflow holds the parent run and one complete child run per trial.
-* A worker node is removed while its trials train: they fail, are retried from their last
-  checkpoint on a new worker (``failure.max_failures``), and each still has one MLflow run
-  with metric steps 1..n.
+* A worker node is removed while its trials train: they fail and are retried on a new worker
+  (``failure.max_failures``), from their last checkpoint where they had one; each trial still
+  has one MLflow run with metric steps 1..n.
 
-About 3 minutes on 2 idle cores.
+About 2 minutes on 2 cores (three Ray nodes, an MLflow server and two small studies).
 """
 
 from __future__ import annotations
@@ -221,11 +221,12 @@ def test_trials_of_a_killed_worker_resume_from_their_checkpoints_on_another(clus
     study.start()
     # the driver's progress line: Tune holds the trial's epoch-1 result and its checkpoint
     output, deadline = "", time.time() + 300
-    while not re.search(r"\]\s+\w+ epoch 1/3 ", output):
+    while not (reported := re.search(r"\]\s+(\w+) epoch 1/3 ", output)):
         assert study.is_alive(), f"the study ended before the worker was killed: {study.error!r}"
         assert time.time() < deadline, "no trial reported an epoch:\n" + output[-3000:]
         time.sleep(0.2)
         output += capsys.readouterr().out
+    killed, killed_ms = reported[1], time.time() * 1000
     cluster.remove_node(victim, allow_graceful=False)
     cluster.add_node(node_ip_address=WORKER_IPS[1], **WORKER)
     study.join(timeout=400)
@@ -235,22 +236,22 @@ def test_trials_of_a_killed_worker_resume_from_their_checkpoints_on_another(clus
 
     assert not outcome.interrupted
     assert [t.status for t in outcome.trials] == ["finished"] * TRIALS, outcome.trials
+    # Tune resets a restarted trial's result file to its last upload, so rows the driver had
+    # not uploaded before the kill can be missing; rows after the restart are all there.
     rows = _result_rows(store)
-    moved = {tid: r for tid, r in rows.items() if {x["node_ip"] for x in r} == set(WORKER_IPS)}
-    assert moved, {tid: [(x["epoch"], x["node_ip"]) for x in r] for tid, r in rows.items()}
-    for trial_id, trial_rows in moved.items():
-        epochs = [r["epoch"] for r in trial_rows]
-        nodes = [r["node_ip"] for r in trial_rows]
-        first_on_new = nodes.index(WORKER_IPS[1])
-        # resumed from the checkpoint of its last epoch on the dead node, not from scratch
-        assert epochs == [1, 2, 3] and first_on_new > 0, (trial_id, epochs, nodes)
-        assert set(nodes[:first_on_new]) == {WORKER_IPS[0]} and set(nodes[first_on_new:]) == {WORKER_IPS[1]}
-    for trial_id, trial_rows in rows.items():
-        assert {r["node_ip"] for r in trial_rows} <= set(WORKER_IPS), trial_id
+    assert {r["node_ip"] for trial_rows in rows.values() for r in trial_rows} <= set(WORKER_IPS)
+    (folder,) = store.glob(f"run_trial_{killed}_*")
+    assert "Failure # 1" in (folder / "error.txt").read_text()  # it failed with its node ...
+    resumed = [r["epoch"] for r in rows[killed] if r["node_ip"] == WORKER_IPS[1]]
+    # ... and went on on the new node after its last checkpoint, not from epoch 1
+    assert resumed and resumed[0] >= 2 and resumed == list(range(int(resumed[0]), 4)), rows[killed]
 
     client = MlflowClient(tracking_uri)
     runs = _trial_runs(client, "failover", outcome.parent_run_id)
     assert sorted(r.data.tags["s2study.trial_id"] for r in runs) == sorted(t.trial_id for t in outcome.trials)
+    (run,) = [r for r in runs if r.data.tags["s2study.trial_id"] == killed]
+    history = sorted(client.get_metric_history(run.info.run_id, "val_ncm"), key=lambda m: m.step)
+    assert history[0].timestamp < killed_ms < history[-1].timestamp  # one run, both nodes
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.tags["s2study.status"] == "finished"
         assert _steps(client, run.info.run_id, "val_ncm") == [1, 2, 3]
