@@ -75,7 +75,7 @@ def shared_weights_dir(explicit: str | os.PathLike | None = None) -> Path:
     return _first_existing(tried, "weights folder", WEIGHTS_ENV)
 
 
-def output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+def output_dir(path: str | os.PathLike, flag: str = "--out", what: str = "output folder") -> Path:
     """``path`` as an absolute folder that can be created and written, checked before any work.
 
     Raises:
@@ -88,8 +88,8 @@ def output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise EnvironmentProblem(f"{flag} {target}: cannot create the output folder ({existing} is a file)")
+        raise EnvironmentProblem(f"{flag} {target}: cannot create the {what} ({existing} is a file)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise EnvironmentProblem(f"{flag} {target}: {existing} is not writable")
+        raise EnvironmentProblem(f"{flag} {target}: cannot create the {what} ({existing} is not writable)")
     return target
 

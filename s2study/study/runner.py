@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,13 +146,9 @@ def check_local_storage(path: str) -> None:
     Raises:
         EnvironmentProblem: naming the storage path and the ancestor in the way.
     """
-    ancestor = Path(path)
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise EnvironmentProblem(f"storage: {path}: cannot create the study folder ({ancestor} is not a folder)")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise EnvironmentProblem(f"storage: {path}: cannot create the study folder ({ancestor} is not writable)")
+    from s2study.paths import output_dir
+
+    output_dir(path, "storage:", "study folder")
 
 
 def _cluster_checks(cfg: StudyConfig, storage_vouched: bool = False) -> None:
