@@ -15,7 +15,7 @@ Usage::
 
     python benchmarks/run.py                       # the default set (about 10 min, 2-core CPU)
     python benchmarks/run.py --only mnn_4096 ssl_sample --repeats 5
-    python benchmarks/run.py --threads 1 --bf16    # 1 thread (steady CPU times), CPU bf16 steps
+    python benchmarks/run.py --threads 1 --precision fp32  # 1 thread (steady CPU times), fp32 steps
     python benchmarks/run.py --device cuda --json bench_gpu.json
     python benchmarks/run.py --only study_overhead  # optional: needs ray, optuna (and mlflow)
 
@@ -219,7 +219,7 @@ class Context:
     device: torch.device
     repeats: int | None
     timer: Timer
-    bf16: bool = False  # bf16 autocast for the batched S2 steps on CPU too (always on CUDA)
+    precision: str = "auto"  # the batched S2 steps' precision, resolved as the trainer does
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def n(self, cpu: int, gpu: int | None = None) -> int:
@@ -275,8 +275,8 @@ def _with_baseline(
 # ----------------------------------------------------------------------------- S2 steps
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def _s2_step_variants(
@@ -288,13 +288,14 @@ def _s2_step_variants(
     count) with :func:`make_s2_batch`; the batched one then runs :func:`s2_loss` (one forward of
     SL + SSL-vis + SSL-ir), the baseline three forward/loss/backward passes, one per part,
     accumulating gradients; each ends with one Adam step. On CUDA the batched step runs under
-    bf16 autocast (as the trainer does; on CPU too with ``--bf16``) and the baseline in fp32; a
+    autocast in the trainer's precision (``--precision``, default ``auto``: bf16 on CUDA and on CPUs
+    with AMX) and the baseline in fp32; when that is not fp32, a
     batched fp32 variant (``<name>_fp32``) is then timed too, to separate the two gains.
     """
     from s2study.config.load import load_train_config
     from s2study.data.batch import make_s2_batch
     from s2study.s2loss import active_parts, s2_loss
-    from s2study.train import build_model, method_defaults
+    from s2study.train import autocast_dtype, build_model, method_defaults
 
     cfg = load_train_config(preset, [f"device={ctx.device.type}", *overrides])
     crop, lr, wd = method_defaults(cfg)
@@ -326,12 +327,12 @@ def _s2_step_variants(
 
         return make
 
-    def batched(amp: bool) -> Callable[[], None]:
+    def batched(dtype: torch.dtype | None) -> Callable[[], None]:
         make = batch_maker()
 
         def step() -> None:
             batch = make()
-            with _autocast(ctx.device, amp):
+            with _autocast(ctx.device, dtype):
                 loss = s2_loss(method, batch, lam)["total"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -347,10 +348,10 @@ def _s2_step_variants(
             optimizer.zero_grad(set_to_none=True)
             for name, part in active_parts(batch, lam).items():
                 n = part.stop - part.start
-                out = method(torch.cat([batch.images_a[part], batch.images_b[part]]))
+                out_a, out_b = method(torch.cat([batch.images_a[part], batch.images_b[part]])).split([n, n])
                 loss = method.loss(
-                    out.select(slice(0, n)),
-                    out.select(slice(n, 2 * n)),
+                    out_a,
+                    out_b,
                     batch.flow[part],
                     batch.valid[part],
                 )["total"]
@@ -359,15 +360,16 @@ def _s2_step_variants(
 
         return step
 
-    amp = ctx.device.type == "cuda" or ctx.bf16
-    variants = {"batched": batched(amp=amp), "three_pass": three_pass()}
+    amp_dtype = autocast_dtype(ctx.precision, ctx.device)
+    amp = amp_dtype is not None
+    variants = {"batched": batched(amp_dtype), "three_pass": three_pass()}
     if amp:
-        variants["batched_fp32"] = batched(amp=False)
+        variants["batched_fp32"] = batched(None)
     info = {
         "batch_size": b,
         "crop": crop,
         "lambda_ssl": lam,
-        "precision": "bf16 autocast (batched), fp32 (3-pass)" if amp else "fp32",
+        "precision": f"{str(amp_dtype)[6:]} autocast (batched), fp32 (3-pass)" if amp else "fp32",
     }
     return variants, info
 
@@ -894,9 +896,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument(
-        "--bf16",
-        action="store_true",
-        help="on CPU too, run the batched S2 steps under bf16 autocast (fast on CPUs with AMX)",
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="precision of the batched S2 steps, as the trainer's `precision` (default auto: "
+        "bf16 on CUDA and on CPUs with AMX, else fp32); the 3-pass baseline is always fp32",
     )
     p.add_argument(
         "--threads",
@@ -922,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     names = args.only or [n for n, b in BENCHMARKS.items() if b.default]
     load_start = os.getloadavg()
-    ctx = Context(device=device, repeats=args.repeats, timer=Timer(device), bf16=args.bf16)
+    ctx = Context(device=device, repeats=args.repeats, timer=Timer(device), precision=args.precision)
     print(
         f"s2study benchmarks on {device} ({os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads); load average {load_start[0]:.2f} {load_start[1]:.2f} "

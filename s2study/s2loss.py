@@ -39,13 +39,16 @@ def s2_loss(method: Method, batch: S2Batch, lambda_ssl: float) -> dict[str, Tens
         is the joint loss, the others are detached for logging.
     """
     parts = active_parts(batch, lambda_ssl)
-    stop = max(p.stop for p in parts.values())  # parts are contiguous from 0: SL, SSL-vis, SSL-ir
+    names = sorted(parts, key=lambda n: parts[n].start)  # contiguous from 0: SL, SSL-vis, SSL-ir
+    sizes = [parts[n].stop - parts[n].start for n in names]
+    stop = sum(sizes)
     out = method(torch.cat([batch.images_a[:stop], batch.images_b[:stop]]))
-    out_a, out_b = out.select(slice(0, stop)), out.select(slice(stop, 2 * stop))
+    chunks = out.split(sizes + sizes)  # A sides of every part, then their B sides
     terms: dict[str, Tensor] = {}
     logged: dict[str, Tensor] = {}
-    for name, part in parts.items():
-        losses = method.loss(out_a.select(part), out_b.select(part), batch.flow[part], batch.valid[part])
+    for i, name in enumerate(names):
+        part = parts[name]
+        losses = method.loss(chunks[i], chunks[len(names) + i], batch.flow[part], batch.valid[part])
         terms[name] = losses["total"]
         logged[name] = losses["total"].detach()
         logged.update({f"{name}/{k}": v.detach() for k, v in losses.items() if k != "total"})

@@ -12,6 +12,7 @@ from a checkpoint continues exactly as the uninterrupted run would have (on CPU)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -52,6 +53,42 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise EnvironmentProblem("device: 'cuda' was requested but no CUDA GPU is available")
     return torch.device(name)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX), where bf16 autocast pays off.
+
+    Read from the Linux CPU flags; elsewhere False (plain fp32 is the safe default).
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags.split()
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
+
+    Raises:
+        EnvironmentProblem: a precision this device cannot run.
+    """
+    cuda = device.type == "cuda"
+    bf16_ok = torch.cuda.is_bf16_supported() if cuda else True
+    if precision == "auto":
+        if cuda:
+            return torch.bfloat16 if bf16_ok else torch.float16
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if not bf16_ok:
+            raise EnvironmentProblem("precision: this GPU has no bf16; use fp16, fp32 or auto")
+        return torch.bfloat16
+    if not cuda:  # fp16
+        raise EnvironmentProblem(f"precision: fp16 needs CUDA, the device is {device}; use bf16 or fp32")
+    return torch.float16
 
 
 def seed_everything(seed: int) -> None:
@@ -191,9 +228,10 @@ def train(
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its kernels
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    use_amp = amp_dtype is not None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    log.info("precision: %s", "fp32" if amp_dtype is None else f"{amp_dtype} autocast")
     with_ssl = cfg.lambda_ssl > 0
     steps_per_epoch = cfg.steps_per_epoch or max(1, len(train_set) // cfg.batch_size)
     loader_gen = torch.Generator()
@@ -233,7 +271,7 @@ def train(
                 ssl_vis=with_ssl and cfg.ssl_vis, ssl_ir=with_ssl and cfg.ssl_ir,
                 generator=batch_gen, device=device,
             )
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
                 parts = s2_loss(method, batch, cfg.lambda_ssl)
             loss = parts["total"]
             if not torch.isfinite(loss):

@@ -55,7 +55,8 @@ def test_overrides_are_typed_and_validated():
         ({"method": {"name": "r2d3"}}, r"method.name: unknown method 'r2d3' \(did you mean 'r2d2'\?\)"),
         ({"method": {"name": "r2d2", "params": {"margin": 1}}}, r"method.params.margin: unknown parameter"),
         ({"data": {"dataset": "roadscene", "rooot": "x"}}, r"data.rooot: unknown key 'rooot' \(did you mean 'root'\?\)"),
-        ({"amp": "yes"}, r"amp: 'yes' is not allowed; expected true/false"),
+        ({"ssl_ir": "yes"}, r"ssl_ir: 'yes' is not allowed; expected true/false"),
+        ({"precision": "half"}, r"precision: one of auto, fp32, bf16, fp16; got 'half'"),
         ({"crop_size": 4}, r"crop_size: must be in \[16, 2048\]"),
     ],
 )

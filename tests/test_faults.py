@@ -410,7 +410,7 @@ def test_loss_turning_nan_fails_the_run_even_across_epochs(tmp_path, shared_data
             "crop_size=64",
             "val_k=64",
             "device=cpu",
-            "amp=false",
+            "precision=fp32",
             "data.max_train_pairs=2",
             "data.max_val_pairs=1",
             "data.val_max_size=128",

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: training arithmetic choices (see :attr:`TrainConfig.precision`)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
@@ -147,7 +150,9 @@ class TrainConfig:
         val_threshold_px: NCM threshold.
         seed: seeds python, numpy and torch.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
-        amp: mixed precision on CUDA (bf16 where supported).
+        precision: training arithmetic. ``auto``: bf16 autocast where the device computes
+            bf16 natively (CUDA with bf16, fp16 with loss scaling on older GPUs; CPUs with
+            AMX), fp32 elsewhere. ``fp32``, ``bf16`` or ``fp16`` (CUDA only) force one.
         num_workers: data-loading worker processes.
         max_nonfinite_steps: consecutive non-finite losses tolerated before the run fails.
     """
@@ -169,7 +174,7 @@ class TrainConfig:
     val_threshold_px: float = 3.0
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
+    precision: str = "auto"
     num_workers: int = 0
     max_nonfinite_steps: int = 3
 
@@ -187,5 +192,9 @@ class TrainConfig:
         _check(self.val_k >= 1, f"val_k: must be >= 1, got {self.val_k}")
         _check(self.val_threshold_px > 0, f"val_threshold_px: must be > 0, got {self.val_threshold_px}")
         _check(self.device in ("auto", "cpu", "cuda"), f"device: one of auto, cpu, cuda; got {self.device!r}")
+        _check(self.precision in PRECISIONS,
+               f"precision: one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        _check(self.precision != "fp16" or self.device != "cpu",
+               "precision: fp16 needs CUDA (device is cpu); use bf16 or fp32")
         _check(self.num_workers >= 0, f"num_workers: must be >= 0, got {self.num_workers}")
         _check(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps: must be >= 1, got {self.max_nonfinite_steps}")

@@ -52,6 +52,24 @@ class DenseFeatures:
             self.stride,
         )
 
+    def split(self, sizes: list[int]) -> list[DenseFeatures]:
+        """Consecutive batch chunks of the given sizes.
+
+        Unlike several :meth:`select` calls, the backward of a split writes each map's
+        gradient once, instead of a zero-filled full-size gradient per chunk summed up.
+        """
+        maps = {"descriptors": self.descriptors, "scores": self.scores, **self.extras}
+        chunks = {k: torch.split(v, sizes) for k, v in maps.items()}
+        return [
+            DenseFeatures(
+                chunks["descriptors"][i],
+                chunks["scores"][i],
+                {k: chunks[k][i] for k in self.extras},
+                self.stride,
+            )
+            for i in range(len(sizes))
+        ]
+
 
 @dataclass
 class Keypoints:
