@@ -253,6 +253,58 @@ def test_eval_mode_folds_batch_norm_without_changing_outputs(official_net):
     )
 
 
+def _module_trunk(net, x):
+    """The reference training trunk: the ops list as the official net runs it."""
+    for op in net.ops:
+        x = op(x)
+    return x
+
+
+def _trunk_grads(net, trunk, x, grad, autocast=False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = trunk(net, x)
+    (out.to(grad.dtype) * grad).sum().backward()
+    return out, {k: p.grad for k, p in net.named_parameters() if k.startswith("ops.")}
+
+
+def test_lean_training_trunk_equals_the_module_trunk():
+    """The memory-lean trunk (BN saving its output, ReLU fused into the next conv) gives the
+    module trunk's output, parameter gradients and batch-norm statistics (float64)."""
+    import copy
+
+    torch.manual_seed(0)
+    lean = R2D2(mchan=2, dim=32).double().train()
+    ref = copy.deepcopy(lean)
+    x, grad = torch.rand(3, 3, 40, 36).double(), torch.randn(3, 32, 40, 36).double()
+    out_lean, g_lean = _trunk_grads(lean, lambda n, v: n._trunk(v), x, grad)
+    out_ref, g_ref = _trunk_grads(ref, _module_trunk, x, grad)
+    assert torch.equal(out_lean, out_ref)
+    for name, g in g_ref.items():
+        if name.endswith("weight"):
+            assert torch.allclose(g_lean[name], g, rtol=1e-9, atol=1e-12), name
+        else:  # a bias ahead of batch norm has a zero gradient: both are rounding noise
+            assert (g_lean[name] - g).abs().max() < 1e-9, name
+    for (name, a), b in zip(lean.named_buffers(), ref.buffers()):
+        assert torch.equal(a, b), name
+
+
+def test_lean_training_trunk_under_bf16_is_as_accurate_as_the_module_trunk():
+    import copy
+
+    torch.manual_seed(0)
+    base = R2D2(mchan=2, dim=32).train()
+    x, grad = torch.rand(2, 3, 48, 48), torch.randn(2, 32, 48, 48)
+    _, truth = _trunk_grads(copy.deepcopy(base).double(), _module_trunk, x.double(), grad.double())
+    _, g_lean = _trunk_grads(copy.deepcopy(base), lambda n, v: n._trunk(v), x, grad, autocast=True)
+    _, g_ref = _trunk_grads(copy.deepcopy(base), _module_trunk, x, grad, autocast=True)
+
+    def error(g, name):
+        return ((g[name].double() - truth[name]).norm() / truth[name].norm()).item()
+
+    for name in (k for k in truth if k.endswith("weight")):
+        assert error(g_lean, name) <= 1.1 * error(g_ref, name) + 0.01, name
+
+
 # ------------------------------------------------------------------ loss pieces (known answers)
 
 

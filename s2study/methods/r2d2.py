@@ -204,6 +204,67 @@ def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return conv.weight * scale.view(-1, 1, 1, 1), (conv.bias - bn.running_mean) * scale
 
 
+class _BatchNormKeepOutput(torch.autograd.Function):
+    """Train-mode batch norm without affine parameters that saves its *output* for backward.
+
+    With ``y = (x - mean) * invstd``, ``dx = invstd * (dy - mean(dy) - y * mean(dy * y))``:
+    the output is enough, so the convolution output ``x`` can be freed as soon as ``y`` exists
+    (the native batch norm keeps ``x``, and the next layer keeps ``y`` as well).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bn: nn.BatchNorm2d) -> Tensor:  # type: ignore[override]
+        y, _, invstd = torch.native_batch_norm(
+            x, None, None, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps
+        )
+        bn.num_batches_tracked.add_(1)
+        ctx.save_for_backward(y, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        y, invstd = ctx.saved_tensors
+        # the native backward with mean 0 and invstd 1 normalises nothing: it computes
+        # dy - mean(dy) - y * mean(dy * y); the real invstd then scales it
+        unit = torch.ones_like(invstd)
+        dxhat = torch.ops.aten.native_batch_norm_backward(
+            dy, y, None, None, None, torch.zeros_like(invstd), unit, True, 0.0, [True, False, False]
+        )[0]
+        return (dxhat * invstd.view(1, -1, 1, 1)).to(y.dtype), None
+
+
+class _ReluConv(torch.autograd.Function):
+    """``conv2d(relu(y))`` that keeps only ``y`` for backward and recomputes the ReLU.
+
+    Together with :class:`_BatchNormKeepOutput` a conv -> BN -> ReLU stage keeps one
+    activation tensor for backward instead of two. Under autocast the convolution runs in the
+    autocast dtype, as ``F.conv2d`` would.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, weight: Tensor, bias: Tensor, padding, dilation) -> Tensor:  # type: ignore[override]
+        device = y.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        w, b = weight.to(dtype), bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            out = F.conv2d(F.relu(y).to(dtype), w, b, 1, padding, dilation)
+        ctx.save_for_backward(y, w)
+        ctx.conv = (padding, dilation, weight.dtype, bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        y, w = ctx.saved_tensors
+        padding, dilation, w_dtype, b_dtype = ctx.conv
+        z = F.relu(y).to(w.dtype)
+        gz, gw, gb = torch.ops.aten.convolution_backward(
+            grad.to(w.dtype), z, w, [w.shape[0]], [1, 1], list(padding), list(dilation),
+            False, [0, 0], 1, [True, True, True],
+        )
+        gy = (gz * (y > 0)).to(y.dtype)
+        return gy, gw.to(w_dtype), gb.to(b_dtype), None, None
+
+
 # ----------------------------------------------------------------------------- loss terms
 
 
@@ -647,6 +708,8 @@ class R2D2(Method):
 
     def _trunk(self, x: Tensor) -> Tensor:
         """Raw (unnormalised) 128-d features; eval mode folds batch norm into the convs."""
+        if self.training and torch.is_grad_enabled():
+            return self._trunk_lean(x)
         for conv_at, bn_at, relu in self._stages:
             conv = self.ops[conv_at]
             if bn_at is None:
@@ -658,6 +721,24 @@ class R2D2(Method):
                 x = F.conv2d(x, weight, bias, 1, conv.padding, conv.dilation)
             if relu:
                 x = F.relu(x, inplace=True)
+        return x
+
+    def _trunk_lean(self, x: Tensor) -> Tensor:
+        """The training trunk, keeping one activation per stage for backward (same values)."""
+        relu_pending = False  # the previous stage's ReLU, fused into this convolution
+        for conv_at, bn_at, relu in self._stages:
+            conv = self.ops[conv_at]
+            if relu_pending:
+                x = _ReluConv.apply(x, conv.weight, conv.bias, conv.padding, conv.dilation)
+            else:
+                x = conv(x)
+            if bn_at is not None:
+                x = _BatchNormKeepOutput.apply(x, self.ops[bn_at])
+            elif relu:
+                x = F.relu(x)
+            relu_pending = relu and bn_at is not None
+        if relu_pending:
+            x = F.relu(x)
         return x
 
     def forward(self, images: Tensor) -> DenseFeatures:
