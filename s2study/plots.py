@@ -60,6 +60,38 @@ def plot_curves(result: EvalResult, metric: str, path: Path, ks: list[int] | Non
     return path
 
 
+def plot_lambda_curves(
+    curves: dict[str, dict[int, list[tuple[float, float]]]], path: str | Path, title: str
+) -> Path:
+    """NCM against lambda, one panel per series (method and dataset), one line per K (Fig. 3).
+
+    Args:
+        curves: :func:`s2study.report.lambda_curves` output.
+        path: PNG file to write.
+        title: figure title.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.6 * len(curves), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (name, by_k) in zip(axes, curves.items()):
+        for k, points in by_k.items():
+            lams, values = zip(*points)
+            ax.plot(lams, values, marker="o", markersize=4, label=f"K = {k}")
+        ax.set_title(name)
+        ax.set_xlabel("lambda (SSL weight)")
+        ax.set_ylabel(_LABELS["ncm"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def draw_matches(
     image_a: np.ndarray,
     image_b: np.ndarray,

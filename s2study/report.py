@@ -21,6 +21,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from s2study.errors import ConfigError
+
 METHOD_LABELS = {"r2d2": "R2D2", "d2net": "D2-Net"}
 DATASET_LABELS = {"roadscene": "RoadScene", "rgbnir": "RGB-NIR"}
 _EVAL_KEY = re.compile(r"^eval/(?P<m>nc|ncm|cmr|rep)(?:_(?P<t>[\d.]+px))?_k(?P<k>\d+)$")
@@ -110,13 +112,37 @@ def paper_tables(evaluated: list[dict[str, Any]]) -> str:
     return "\n\n".join(out)
 
 
+def lambda_curves(evaluated: list[dict[str, Any]], metric: str = "ncm") -> dict[str, dict[int, list[tuple[float, float]]]]:
+    """The paper's Fig. 3 data: per method and dataset, per K, ``(lambda, metric)`` by lambda.
+
+    Only series with at least two lambda values are returned (a curve needs two points).
+    """
+    series: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    for e in evaluated:
+        if e.get("lambda_ssl") is None:
+            continue
+        name = f"{METHOD_LABELS.get(e['method'], e['method'])} {DATASET_LABELS.get(e['dataset'], e['dataset'])}"
+        for key, value in e["metrics"].items():
+            m = _EVAL_KEY.match(key)
+            if m and m["m"] == metric:
+                series.setdefault(name, {}).setdefault(int(m["k"]), []).append((e["lambda_ssl"], value))
+    return {
+        name: {k: sorted(points) for k, points in sorted(by_k.items())}
+        for name, by_k in series.items()
+        if len({lam for points in by_k.values() for lam, _ in points}) >= 2
+    }
+
+
 def _label_order(label: str) -> tuple:
     m = re.search(r"λ=([\d.e-]+)", label)
     return (label.split("+")[0].split(" ")[0], float(m.group(1)) if m else 0.0, label)
 
 
-def study_report(uri: str, study_or_run: str) -> str:
+def study_report(uri: str, study_or_run: str, lambda_plot: str | None = None) -> str:
     """The report of a study stored in MLflow (see the module docstring).
+
+    With ``lambda_plot``, the NCM-versus-lambda curves of the evaluated trials (the paper's
+    Fig. 3) are also drawn into that PNG file.
 
     Raises:
         ConfigError: no such study (lists those that exist).
@@ -146,6 +172,15 @@ def study_report(uri: str, study_or_run: str) -> str:
     if evaluated:
         split = next((r.tags.get("s2study.eval_split") for r in trials if "s2study.eval_split" in r.tags), "")
         parts.append(f"evaluation ({split}):\n\n" + paper_tables(evaluated))
+    if lambda_plot:
+        from s2study.plots import plot_lambda_curves
+
+        curves = lambda_curves(evaluated)
+        if not curves:
+            raise ConfigError(f"--lambda-plot: study {study_or_run!r} has no evaluated trials at two or more "
+                              "lambda values; nothing to plot")
+        name = rec.parent.tags.get("s2study.study", rec.parent.name)
+        parts.append(f"lambda curve written to {plot_lambda_curves(curves, lambda_plot, f'{name}: NCM vs lambda')}")
     return "\n\n".join(parts)
 
 

@@ -51,7 +51,7 @@ def report_tracking_uri(uri: str | None, cwd: Path | None = None) -> str:
 def _cmd_report(args: argparse.Namespace) -> int:
     from s2study.report import study_report
 
-    print(study_report(report_tracking_uri(args.tracking_uri), args.study))
+    print(study_report(report_tracking_uri(args.tracking_uri), args.study, lambda_plot=args.lambda_plot))
     return 0
 
 
@@ -80,4 +80,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     rep.add_argument("study", metavar="STUDY_NAME|RUN_ID", help="study name or its parent run id")
     rep.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    rep.add_argument("--lambda-plot", metavar="PNG",
+                     help="also draw the evaluated trials' NCM against lambda per K (the paper's Fig. 3)")
     rep.set_defaults(func=_cmd_report)

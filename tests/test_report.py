@@ -1,0 +1,43 @@
+"""The study report's tables and the lambda curve, from evaluated trials as MLflow holds them."""
+
+from __future__ import annotations
+
+import cv2
+
+from s2study.plots import plot_lambda_curves
+from s2study.report import lambda_curves, method_label, paper_tables
+
+
+def trial(lam, method="r2d2", dataset="roadscene", ncm=(10.0, 20.0)):
+    metrics = {"eval/nc_k1024": 100.0, "eval/nc_k2048": 200.0,
+               "eval/ncm_3px_k1024": ncm[0], "eval/ncm_3px_k2048": ncm[1],
+               "eval/cmr_3px_k1024": ncm[0], "eval/cmr_3px_k2048": ncm[1] / 2, "val_ncm": 99.0}
+    return {"name": f"t{lam}", "method": method, "dataset": dataset, "lambda_ssl": lam, "metrics": metrics}
+
+
+def test_method_labels_follow_the_paper():
+    assert method_label("r2d2", 0.0) == "R2D2"
+    assert method_label("d2net", 0.4) == "D2-Net+SSL (λ=0.4)"
+
+
+def test_paper_tables_have_one_row_per_lambda_in_lambda_order():
+    text = paper_tables([trial(0.8, ncm=(3.0, 4.0)), trial(0.0, ncm=(1.0, 2.0)), trial(0.4, ncm=(5.0, 6.0))])
+    ncm = text.split("TABLE II")[1].split("TABLE III")[0].splitlines()
+    rows = [line.split() for line in ncm if line.startswith("R2D2")]
+    assert [r[0] for r in rows] == ["R2D2", "R2D2+SSL", "R2D2+SSL"]
+    assert [r[-2:] for r in rows] == [["1.0", "2.0"], ["5.0", "6.0"], ["3.0", "4.0"]]
+
+
+def test_lambda_curves_sort_by_lambda_per_series_and_k():
+    evaluated = [trial(0.8, ncm=(3.0, 4.0)), trial(0.0, ncm=(1.0, 2.0)), trial(0.4, ncm=(5.0, 6.0)),
+                 trial(0.4, method="d2net")]  # one D2-Net point: no curve
+    curves = lambda_curves(evaluated)
+    assert list(curves) == ["R2D2 RoadScene"]
+    assert curves["R2D2 RoadScene"] == {1024: [(0.0, 1.0), (0.4, 5.0), (0.8, 3.0)],
+                                        2048: [(0.0, 2.0), (0.4, 6.0), (0.8, 4.0)]}
+
+
+def test_lambda_plot_is_a_png(tmp_path):
+    path = plot_lambda_curves(lambda_curves([trial(0.0), trial(1.2, ncm=(30.0, 40.0))]), tmp_path / "l.png", "t")
+    image = cv2.imread(str(path))
+    assert image is not None and image.shape[0] > 200 and image.std() > 5
