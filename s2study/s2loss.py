@@ -7,11 +7,13 @@ nothing about S2; S2 is written once, here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from s2study.data.batch import S2Batch
-from s2study.methods.base import Method
+from s2study.methods.base import DenseFeatures, Method
 
 SSL_PARTS = ("ssl_vis", "ssl_ir")
 
@@ -25,7 +27,9 @@ def active_parts(batch: S2Batch, lambda_ssl: float) -> dict[str, slice]:
     return {k: v for k, v in batch.parts.items() if k == "sl" or lambda_ssl > 0}
 
 
-def s2_loss(method: Method, batch: S2Batch, lambda_ssl: float) -> dict[str, Tensor]:
+def s2_loss(
+    method: Method, batch: S2Batch, lambda_ssl: float, network: Callable[[Tensor], DenseFeatures] | None = None
+) -> dict[str, Tensor]:
     """Forward the S2 batch once and combine the method's losses.
 
     Args:
@@ -33,6 +37,7 @@ def s2_loss(method: Method, batch: S2Batch, lambda_ssl: float) -> dict[str, Tens
         batch: images (N, 3, C, C) A and B, flow (N, C, C, 2), valid (N, C, C), and
             ``parts`` naming the slices of the SL and SSL pairs.
         lambda_ssl: weight of the SSL terms.
+        network: what runs the forward (default: ``method`` itself; e.g. a compiled ``method``).
 
     Returns:
         ``{"total", "sl", "ssl_vis", "ssl_ir", "sl/<part>", ...}``: scalar tensors; ``total``
@@ -42,7 +47,7 @@ def s2_loss(method: Method, batch: S2Batch, lambda_ssl: float) -> dict[str, Tens
     names = sorted(parts, key=lambda n: parts[n].start)  # contiguous from 0: SL, SSL-vis, SSL-ir
     sizes = [parts[n].stop - parts[n].start for n in names]
     stop = sum(sizes)
-    out = method(torch.cat([batch.images_a[:stop], batch.images_b[:stop]]))
+    out = (method if network is None else network)(torch.cat([batch.images_a[:stop], batch.images_b[:stop]]))
     chunks = out.split(sizes + sizes)  # A sides of every part, then their B sides
     terms: dict[str, Tensor] = {}
     logged: dict[str, Tensor] = {}

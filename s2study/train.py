@@ -210,6 +210,7 @@ def train(
     train_set = open_dataset(cfg.data, cfg.data.train_split)
     val_set = open_dataset(cfg.data, cfg.data.val_split)
     method = build_model(cfg, device)
+    network = torch.compile(method) if cfg.compile else method  # shares the parameters
     # the output folder is created only once the data and the model are known to be good
     out = output_dir(out_dir, "out_dir") if out_dir else Path(tempfile.mkdtemp(prefix="s2study-train-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -272,7 +273,7 @@ def train(
                 generator=batch_gen, device=device,
             )
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=use_amp):
-                parts = s2_loss(method, batch, cfg.lambda_ssl)
+                parts = s2_loss(method, batch, cfg.lambda_ssl, network)
             loss = parts["total"]
             if not torch.isfinite(loss):
                 nonfinite += 1

@@ -132,3 +132,14 @@ def test_bf16_training_follows_fp32(tmp_path, shared_data):
     for key in ("loss/total", "loss/sl", "loss/ssl_vis", "loss/ssl_ir"):
         assert bf16[key] == pytest.approx(fp32[key], rel=0.02), key
     assert bf16["loss/total"] != fp32["loss/total"]  # bf16 really ran
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, shared_data):
+    """``compile: true`` trains the same model: the first epoch's losses agree with eager mode."""
+    settings = ("epochs=1", "steps_per_epoch=2", "val_k=128", "precision=fp32")
+    eager = train(tiny_config("r2d2-roadscene", *settings), out_dir=tmp_path / "eager", progress=False)
+    compiled = train(tiny_config("r2d2-roadscene", *settings, "compile=true"), out_dir=tmp_path / "compiled",
+                     progress=False)
+    for key in ("loss/total", "loss/sl", "loss/ssl_vis", "loss/ssl_ir"):
+        assert compiled.history[0][key] == pytest.approx(eager.history[0][key], rel=1e-3), key

@@ -153,6 +153,8 @@ class TrainConfig:
         precision: training arithmetic. ``auto``: bf16 autocast where the device computes
             bf16 natively (CUDA with bf16, fp16 with loss scaling on older GPUs; CPUs with
             AMX), fp32 elsewhere. ``fp32``, ``bf16`` or ``fp16`` (CUDA only) force one.
+        compile: ``torch.compile`` the network for the training steps (validation runs it
+            uncompiled): compiling takes a minute or more, so it pays off on long GPU runs.
         num_workers: data-loading worker processes.
         max_nonfinite_steps: consecutive non-finite losses tolerated before the run fails.
     """
@@ -175,6 +177,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    compile: bool = False
     num_workers: int = 0
     max_nonfinite_steps: int = 3
 
