@@ -22,7 +22,15 @@ def _shared_candidates(name: str) -> list[Path]:
     return [repo.parent / "shared" / name, Path.cwd().resolve().parent / "shared" / name]
 
 
-def _first_existing(tried: list[tuple[str, Path]], what: str, env: str) -> Path:
+def _locate(explicit: str | os.PathLike | None, env: str, shared: str, child: str, what: str) -> Path:
+    """The first existing of ``explicit``; ``$env/child``; ``../shared/<shared>/child``."""
+    if explicit is not None:
+        tried = [("explicit path", Path(explicit).expanduser().absolute())]
+    else:
+        tried = []
+        if os.environ.get(env):
+            tried.append((f"${env}", Path(os.environ[env]).expanduser().absolute() / child))
+        tried += [(f"shared {shared}", p / child) for p in _shared_candidates(shared)]
     for _, path in tried:
         if path.exists():
             return path.resolve()
@@ -45,15 +53,7 @@ def data_root(dirname: str, explicit: str | os.PathLike | None = None) -> Path:
     Raises:
         DataError: none exists (the message lists every place tried).
     """
-    if explicit is not None:
-        tried = [("explicit path", Path(explicit).expanduser().absolute())]
-    else:
-        tried = []
-        if os.environ.get(DATA_ENV):
-            env = Path(os.environ[DATA_ENV]).expanduser().absolute()
-            tried.append((f"${DATA_ENV}", env / dirname))
-        tried += [("shared data", p / dirname) for p in _shared_candidates("data")]
-    return _first_existing(tried, f"dataset folder {dirname!r}", DATA_ENV)
+    return _locate(explicit, DATA_ENV, "data", dirname, f"dataset folder {dirname!r}")
 
 
 def shared_weights_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -65,14 +65,7 @@ def shared_weights_dir(explicit: str | os.PathLike | None = None) -> Path:
     Raises:
         DataError: none exists (the message lists every place tried).
     """
-    if explicit is not None:
-        tried = [("explicit path", Path(explicit).expanduser().absolute())]
-    else:
-        tried = []
-        if os.environ.get(WEIGHTS_ENV):
-            tried.append((f"${WEIGHTS_ENV}", Path(os.environ[WEIGHTS_ENV]).expanduser().absolute()))
-        tried += [("shared weights", p) for p in _shared_candidates("weights")]
-    return _first_existing(tried, "weights folder", WEIGHTS_ENV)
+    return _locate(explicit, WEIGHTS_ENV, "weights", "", "weights folder")
 
 
 def output_dir(path: str | os.PathLike, flag: str = "--out", what: str = "output folder") -> Path:

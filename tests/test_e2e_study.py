@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from servers import mlflow_server
 
 from s2study.checkpoint import load_checkpoint
 
@@ -208,21 +209,8 @@ def _post(url: str, body: dict) -> dict:
 def test_mlflow_server_serves_the_study_over_rest(smoke):
     port = _free_port()
     env = dict(_env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", smoke.uri, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if _get(f"{base}/health", timeout=2) .strip() == b"OK":
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < deadline, "mlflow server did not come up"
-            time.sleep(1)
+    options = ["--backend-store-uri", smoke.uri, "--host", "127.0.0.1", "--port", str(port)]
+    with mlflow_server(options, f"http://127.0.0.1:{port}", env) as base:
         exp = json.loads(_get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=smoke"))["experiment"]
         parents = _post(f"{base}/api/2.0/mlflow/runs/search", {
             "experiment_ids": [exp["experiment_id"]], "filter": "tags.`s2study.role` = 'study'"})["runs"]
@@ -241,13 +229,6 @@ def test_mlflow_server_serves_the_study_over_rest(smoke):
         assert {f["path"] for f in listing["files"]} >= {"plots/cmr_curve.png", "plots/ncm_curve.png"}
         png = _get(f"{base}/get-artifact?path=plots/cmr_curve.png&run_uuid={best}")
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 class _Reader(threading.Thread):

@@ -26,13 +26,9 @@ import ipaddress
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +37,7 @@ import pytest
 import ray
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
+from servers import mlflow_server
 
 from s2study.errors import EnvironmentProblem
 from s2study.study.config import StudyConfig, TrackingConfig, load_study
@@ -72,31 +69,11 @@ def tracking_uri(tmp_path_factory) -> Iterator[str]:
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     env.pop("MLFLOW_TRACKING_URI", None)
     # 0.0.0.0 so that the loopback URI reaches it too (and is refused for what it is)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "0.0.0.0", "--port", str(port),
-         "--workers", "1", "--allowed-hosts", f"{host}:{port},127.0.0.1:{port}"],
-        cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://{host}:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                    if resp.read().strip() == b"OK":
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None and time.time() < deadline, "mlflow server did not come up"
-            time.sleep(1)
+    options = ["--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+               "--artifacts-destination", str(folder / "artifacts"), "--host", "0.0.0.0", "--port", str(port),
+               "--allowed-hosts", f"{host}:{port},127.0.0.1:{port}"]
+    with mlflow_server(options, f"http://{host}:{port}", env, cwd=folder) as uri:
         yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.fixture

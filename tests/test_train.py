@@ -10,8 +10,8 @@ import torch
 from s2study.config.load import load_train_config
 from s2study.data.batch import make_s2_batch
 from s2study.data.datasets import open_dataset
-from s2study.s2loss import s2_loss
 from s2study.errors import EnvironmentProblem
+from s2study.s2loss import s2_loss
 from s2study.train import autocast_dtype, build_model, cpu_has_native_bf16, train, validate
 
 # Tiny settings so a CPU run takes seconds; the presets hold the paper's full-size ones.
