@@ -57,6 +57,7 @@ def test_overrides_are_typed_and_validated():
         ({"data": {"dataset": "roadscene", "rooot": "x"}}, r"data.rooot: unknown key 'rooot' \(did you mean 'root'\?\)"),
         ({"ssl_ir": "yes"}, r"ssl_ir: 'yes' is not allowed; expected true/false"),
         ({"precision": "half"}, r"precision: one of auto, fp32, bf16, fp16; got 'half'"),
+        ({"amp": False}, r"amp: renamed to 'precision'"),
         ({"crop_size": 4}, r"crop_size: must be in \[16, 2048\]"),
     ],
 )

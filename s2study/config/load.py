@@ -22,6 +22,9 @@ from s2study.config.schema import TrainConfig
 from s2study.errors import ConfigError
 from s2study.registry import unknown_name_message
 
+#: keys of earlier versions, with what replaced them
+RENAMED_KEYS = {"amp": "renamed to 'precision': one of auto, fp32, bf16, fp16"}
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
@@ -207,7 +210,7 @@ def build_dataclass(cls: type, data: dict[str, Any], source: str, prefix: str = 
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            msg = unknown_name_message("key", key, sorted(fields))
+            msg = RENAMED_KEYS.get(f"{prefix}{key}") or unknown_name_message("key", key, sorted(fields))
             raise ConfigError(f"{source}: {prefix}{key}: {msg}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", source)
     try:

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -286,9 +287,11 @@ class StudyProgress(tune.Callback):
 def build_tuner(cfg: StudyConfig, trainable: Any, storage_filesystem: Any | None = None):
     """The Tuner of a new study (see the module docstring)."""
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # the loggers are listed below
     searcher = OptunaSearch(DefineByRun(cfg.space, cfg.base_flat), metric=cfg.metric, mode=cfg.mode,
                             sampler=build_sampler(cfg))
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_epochs,
@@ -306,7 +309,10 @@ def build_tuner(cfg: StudyConfig, trainable: Any, storage_filesystem: Any | None
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=cfg.metric,
                                                checkpoint_score_order=cfg.mode),
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
-            callbacks=[StudyProgress(cfg.metric, cfg.mode, cfg.max_epochs, cfg.trials)],
+            # Tune's JSON and CSV result files, but no TensorBoard writer per trial: MLflow is
+            # the tracker, and the writers cost time on every trial (see benchmarks/README.md)
+            callbacks=[StudyProgress(cfg.metric, cfg.mode, cfg.max_epochs, cfg.trials),
+                       JsonLoggerCallback(), CSVLoggerCallback()],
             verbose=0,
         ),
     )
