@@ -138,11 +138,17 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Post-study evaluation of the ``top_n`` best trials on ``split`` at each K in ``ks``."""
+    """Post-study evaluation of the ``top_n`` best trials on ``split`` at each K in ``ks``.
+
+    The evaluation reads the whole split at full image size, whatever ``base.data`` caps for
+    the per-epoch validation (``max_val_pairs``, ``val_max_size``); ``max_pairs`` caps it
+    (for quick studies such as the smoke study).
+    """
 
     top_n: int = 1
     split: str = "auto"
     ks: Any = (1024, 2048, 4096)
+    max_pairs: int | None = None
 
     def __post_init__(self) -> None:
         if self.top_n < 0:
@@ -155,6 +161,8 @@ class EvaluateConfig:
         ):
             raise ValueError(f"ks: {ks!r} is not allowed; expected a non-empty list of positive integers")
         object.__setattr__(self, "ks", tuple(ks))
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ValueError(f"max_pairs: must be >= 1 (or null for the whole split), got {self.max_pairs}")
 
 
 @dataclass(frozen=True)

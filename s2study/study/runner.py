@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -516,8 +516,12 @@ def _last_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int, ...], uri: str) -> dict[str, Any]:
-    """Ray task: evaluate a trial checkpoint and log it into the trial's MLflow run."""
+def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int, ...], uri: str,
+                    max_pairs: int | None = None) -> dict[str, Any]:
+    """Ray task: evaluate a trial checkpoint and log it into the trial's MLflow run.
+
+    The whole split at full size (up to ``max_pairs``), not the per-epoch validation's subset.
+    """
     import tempfile
 
     import torch
@@ -531,7 +535,8 @@ def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int
         path = Path(d) / CHECKPOINT_FILE
         run_id = (load_checkpoint(path).get("extra") or {}).get("mlflow_run_id")
         split_name = resolve_eval_split(data, split)
-        result = evaluate_checkpoint(path, data, split_name, ks=ks, device=device)
+        data = replace(data, max_val_pairs=None, val_max_size=None)
+        result = evaluate_checkpoint(path, data, split_name, ks=ks, device=device, max_pairs=max_pairs)
         files = write_outputs(result, Path(tmp))
         method = result.methods[0]
         headline = {}
@@ -580,7 +585,8 @@ def evaluate_best(cfg: StudyConfig, grid: Any, ranked: list[TrialSummary], uri: 
         if ckpt is None:
             continue
         data = trial_config(cfg.base, t.sampled, t.name).data
-        pending[t.trial_id] = task.remote(ckpt, data, cfg.evaluate.split, cfg.evaluate.ks, uri)
+        pending[t.trial_id] = task.remote(ckpt, data, cfg.evaluate.split, cfg.evaluate.ks, uri,
+                                          cfg.evaluate.max_pairs)
     out = {}
     for trial_id, ref in pending.items():
         try:
