@@ -32,7 +32,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.3g}"
+        # large values and small nonzero ones (learning rates) in significant digits
+        return f"{value:.{digits}f}" if value == 0 or 10**-digits <= abs(value) < 1e5 else f"{value:.3g}"
     return str(value)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 
 from s2study.plots import plot_lambda_curves
-from s2study.report import lambda_curves, method_label, paper_tables
+from s2study.report import format_trials, lambda_curves, method_label, paper_tables
 
 
 def trial(lam, method="r2d2", dataset="roadscene", ncm=(10.0, 20.0)):
@@ -41,3 +41,9 @@ def test_lambda_plot_is_a_png(tmp_path):
     path = plot_lambda_curves(lambda_curves([trial(0.0), trial(1.2, ncm=(30.0, 40.0))]), tmp_path / "l.png", "t")
     image = cv2.imread(str(path))
     assert image is not None and image.shape[0] > 200 and image.std() > 5
+
+
+def test_trial_table_shows_small_values_in_significant_digits():
+    text = format_trials([{"trial": "t1", "status": "finished", "epochs": 8, "best": 41.83, "lr": 2.04e-05,
+                           "lambda_ssl": 0.0}], "val_ncm")
+    assert "2.04e-05" in text and "41.83" in text and " 0.00" in text
