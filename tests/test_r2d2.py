@@ -273,7 +273,7 @@ def test_lean_training_trunk_equals_the_module_trunk():
     import copy
 
     torch.manual_seed(0)
-    lean = R2D2(mchan=2, dim=32).double().train()
+    lean = R2D2(mchan=2, dim=32, low_memory=True).double().train()
     ref = copy.deepcopy(lean)
     x, grad = torch.rand(3, 3, 40, 36).double(), torch.randn(3, 32, 40, 36).double()
     out_lean, g_lean = _trunk_grads(lean, lambda n, v: n._trunk(v), x, grad)
@@ -292,7 +292,7 @@ def test_lean_training_trunk_under_bf16_is_as_accurate_as_the_module_trunk():
     import copy
 
     torch.manual_seed(0)
-    base = R2D2(mchan=2, dim=32).train()
+    base = R2D2(mchan=2, dim=32, low_memory=True).train()
     x, grad = torch.rand(2, 3, 48, 48), torch.randn(2, 32, 48, 48)
     _, truth = _trunk_grads(copy.deepcopy(base).double(), _module_trunk, x.double(), grad.double())
     _, g_lean = _trunk_grads(copy.deepcopy(base), lambda n, v: n._trunk(v), x, grad, autocast=True)

@@ -600,6 +600,10 @@ class R2D2(Method):
             official extractor's 0.7 / 0.7 would leave fewer than 2048 keypoints on RoadScene's
             thermal images, and fine-tuning shifts the score scale those values were set for.
         scale_f, min_size, max_size, min_scale, max_scale: the multi-scale pyramid.
+        low_memory: in training, keep one activation per trunk stage for the backward (batch
+            norm saves its output, the ReLU is recomputed in the next convolution's backward):
+            the same values and gradients with about 20 % less peak memory, but 20-60 %
+            slower on CPU (benchmarks/README.md).
     """
 
     name = "r2d2"
@@ -629,6 +633,7 @@ class R2D2(Method):
         "max_size": 1024,
         "min_scale": 0.0,
         "max_scale": 1.0,
+        "low_memory": False,
     }
 
     def __init__(self, **params: Any) -> None:
@@ -686,7 +691,7 @@ class R2D2(Method):
         need(is_int("subq") and p["subq"] != 0, "subq", "a non-zero integer (< 0: random queries)")
         need(is_int("subd_neg"), "subd_neg", "an integer (0: no distractors, < 0: random)")
         need(p["subd"] <= p["ngh"], "subd", "an integer <= ngh")
-        for key in ("relu22", "maxpool_pos"):
+        for key in ("relu22", "maxpool_pos", "low_memory"):
             need(isinstance(p[key], bool), key, "true or false")
         for key in ("w_ap", "w_cosim", "w_peaky"):
             need(isinstance(p[key], (int, float)) and p[key] >= 0, key, "a non-negative number")
@@ -708,7 +713,7 @@ class R2D2(Method):
 
     def _trunk(self, x: Tensor) -> Tensor:
         """Raw (unnormalised) 128-d features; eval mode folds batch norm into the convs."""
-        if self.training and torch.is_grad_enabled():
+        if self.params["low_memory"] and self.training and torch.is_grad_enabled():
             return self._trunk_lean(x)
         for conv_at, bn_at, relu in self._stages:
             conv = self.ops[conv_at]
