@@ -536,3 +536,12 @@ def test_pretrained_matches_a_val_pair_far_better_than_random(roadscene, officia
     )
     assert pretrained >= 40 and random_official * 4 <= pretrained
     assert pretrained >= 2 * sum(random_free) / len(random_free)
+
+
+def test_nan_similarities_give_a_nan_ap_not_an_index_error():
+    """A diverged network's NaN scores must turn the loss NaN (the trainer stops on it)."""
+    scores = torch.tensor([[0.9, float("nan"), 0.1], [0.5, 0.4, 0.3]])
+    hist = negative_histogram(scores)
+    assert torch.isnan(hist[0]).any() and torch.isfinite(hist[1]).all()
+    ap = quantized_ap(torch.tensor([[0.8], [float("nan")]]), hist)
+    assert torch.isnan(ap).any()

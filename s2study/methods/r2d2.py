@@ -351,7 +351,9 @@ class _SoftHistogram(torch.autograd.Function):
     @staticmethod
     def _bins(scores: Tensor, nq: int) -> tuple[Tensor, Tensor]:
         t = ((1 - scores) * (nq - 1)).clamp_(0, nq - 1)
-        lo = t.floor().clamp_(max=nq - 2)
+        # a NaN score (a diverged network) gets a valid bin and a NaN weight, so the loss turns
+        # NaN and the trainer's non-finite check sees it, instead of an out-of-range index
+        lo = t.nan_to_num(0.0).floor_().clamp_(max=nq - 2)
         return lo.long(), t.sub_(lo)  # bin below, weight of the bin above
 
     @staticmethod
