@@ -896,6 +896,10 @@ def test_unreachable_tracking_server_fails_fast_before_ray(cwd):
     assert_nothing_created(cwd)
 
 
+#: a study of one trial of one epoch, not evaluated: enough to reach the checks before Ray
+ONE_EPOCH_TRIAL = ("--trials", "1", "--set", "asha.max_epochs=1", "--set", "evaluate.top_n=0")
+
+
 @pytest.mark.slow
 def test_storage_under_a_file_is_refused_before_anything_starts(cwd):
     (cwd / "afile").write_text("a file, not a folder\n")
@@ -905,12 +909,7 @@ def test_storage_under_a_file_is_refused_before_anything_starts(cwd):
         SMOKE,
         "--storage",
         "afile/results",
-        "--trials",
-        "1",
-        "--set",
-        "asha.max_epochs=1",
-        "--set",
-        "evaluate.top_n=0",
+        *ONE_EPOCH_TRIAL,
         timeout=240,
     )
     assert_user_error(o, "storage", str(cwd / "afile" / "results"))
@@ -928,12 +927,7 @@ def test_study_on_cuda_without_a_gpu_is_refused_before_ray(cwd):
         SMOKE,
         "--set",
         "base.device=cuda",
-        "--trials",
-        "1",
-        "--set",
-        "asha.max_epochs=1",
-        "--set",
-        "evaluate.top_n=0",
+        *ONE_EPOCH_TRIAL,
         timeout=240,
     )
     assert_user_error(o, "device", "cuda")
