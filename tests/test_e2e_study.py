@@ -174,6 +174,19 @@ def test_best_trial_has_its_checkpoint_evaluation_and_cmr_plot(smoke, tmp_path):
     assert "TABLE II: number of correct matches" in _report(smoke)
 
 
+def test_each_trials_latest_checkpoint_carries_its_best_weights(smoke):
+    """Tune keeps the two most recent checkpoints; the best epoch's weights travel in them."""
+    for run in smoke.children():
+        values = [m.value for m in smoke.client.get_metric_history(run.info.run_id, "val_ncm")]
+        (trial_dir,) = (smoke.folder / "results" / "smoke").glob(f"run_trial_{run.data.tags['s2study.trial_id']}_*")
+        checkpoints = sorted(trial_dir.glob("checkpoint_*"))
+        assert len(checkpoints) == min(2, len(values))
+        latest = checkpoints[-1]
+        assert load_checkpoint(latest / "checkpoint.pt")["epoch"] == len(values)
+        best = load_checkpoint(latest / "best.pt")
+        assert best["metrics"]["val_ncm"] == max(values) and "optimizer" not in best
+
+
 def _report(study: Study) -> str:
     proc = subprocess.run([sys.executable, "-m", "s2study", "report", "smoke", "--tracking-uri", study.uri],
                           check=False, capture_output=True, text=True, env=_env(), timeout=300)
@@ -256,6 +269,13 @@ RESUME_SETTINGS = ("--set", "base.steps_per_epoch=8", "--set", "trials=8")
 RESUME_TRIALS = 8
 
 
+def _failure(run, folder: Path, output: str) -> str:
+    """What to show when a trial did not end well: its tags, Tune's error files, the study's output."""
+    tags = {k: v for k, v in run.data.tags.items() if k.startswith("s2study.")}
+    errors = "".join(f"\n{p}:\n{p.read_text()[-1500:]}" for p in (folder / "results").rglob("error.txt"))
+    return f"{tags}{errors}\n--- output ---\n{output[-4000:]}"
+
+
 def test_resume_after_killing_the_driver(tmp_path):
     proc = subprocess.Popen(_command(tmp_path, *RESUME_SETTINGS), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -303,7 +323,7 @@ def test_resume_after_killing_the_driver(tmp_path):
         assert run.info.run_id == before.get(run.data.tags["s2study.trial_id"], run).info.run_id
         steps = _history_steps(study.client, run.info.run_id, "val_ncm")
         assert steps == list(range(1, len(steps) + 1)) and steps
-        assert run.data.tags["s2study.status"] in ("finished", "stopped_early")
+        assert run.data.tags["s2study.status"] in ("finished", "stopped_early"), _failure(run, tmp_path, output)
     assert not study.client.search_runs([study.experiment_id()], "attributes.status = 'RUNNING'")
     for tid in settled:  # trials that had ended before the kill were not rerun
         assert not re.search(rf"\]\s+{tid} epoch", output), output[-3000:]

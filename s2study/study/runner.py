@@ -9,8 +9,12 @@ the study's parent run on the driver, starts or joins Ray, then builds (or resto
           TuneConfig(metric, mode, search_alg=OptunaSearch(define-by-run space, metric, mode,
                      sampler), scheduler=ASHAScheduler(training_iteration, max_t, grace,
                      reduction), num_samples, max_concurrent_trials, reuse_actors=True),
-          RunConfig(name, storage_path, CheckpointConfig(num_to_keep=2, scored by metric),
-                    FailureConfig(max_failures), callbacks=[StudyProgress]))
+          RunConfig(name, storage_path, CheckpointConfig(num_to_keep=2), FailureConfig(max_failures),
+                    callbacks=[StudyProgress, JSON and CSV loggers]))
+
+Tune keeps each trial's two most recent checkpoints; each holds the epoch's full training state
+and the trial's best weights so far (see :mod:`s2study.study.trainable`), so the latest one is
+all that resuming and the final evaluation need.
 
 After ``fit`` the ``evaluate.top_n`` best trials are evaluated (a Ray task with the trial
 resources, so on a GPU node of a cluster) and logged into their runs; the parent run gets the
@@ -41,7 +45,13 @@ from s2study.errors import ConfigError, DataError, EnvironmentProblem
 from s2study.study import tracking
 from s2study.study.config import StudyConfig, check_resources, cuda_corners, local_node_resources
 from s2study.study.space import DefineByRun, corner_cases, grid_values, overlay
-from s2study.study.trainable import CHECKPOINT_FILE, TrialSettings, run_trial, trial_config
+from s2study.study.trainable import (
+    BEST_FILE,
+    CHECKPOINT_FILE,
+    TrialSettings,
+    run_trial,
+    trial_config,
+)
 
 STATE_FILE = "s2study_study.json"
 Echo = Callable[[str], None]
@@ -306,8 +316,11 @@ def build_tuner(cfg: StudyConfig, trainable: Any, storage_filesystem: Any | None
             name=cfg.name,
             storage_path=cfg.storage,
             storage_filesystem=storage_filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=cfg.metric,
-                                               checkpoint_score_order=cfg.mode),
+            # By recency, not by score: Tune forces a state snapshot every num_to_keep checkpoints
+            # of a trial, which keeps the snapshot's "latest checkpoint" on storage; a score-ranked
+            # deletion can remove it between snapshots, and a killed driver's trial could then not
+            # be resumed. The best weights travel inside every checkpoint instead.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
             # Tune's JSON and CSV result files, but no TensorBoard writer per trial: MLflow is
             # the tracker, and the writers cost time on every trial (see benchmarks/README.md)
@@ -518,9 +531,10 @@ def _last_line(error: BaseException) -> str:
 
 def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int, ...], uri: str,
                     max_pairs: int | None = None) -> dict[str, Any]:
-    """Ray task: evaluate a trial checkpoint and log it into the trial's MLflow run.
+    """Ray task: evaluate a trial's best weights and log the result into the trial's MLflow run.
 
-    The whole split at full size (up to ``max_pairs``), not the per-epoch validation's subset.
+    ``checkpoint`` is the trial's latest Tune checkpoint (its best weights, or the epoch state
+    where it has none). The whole split at full size (up to ``max_pairs``), not the per-epoch validation's subset.
     """
     import tempfile
 
@@ -532,7 +546,7 @@ def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="s2study-eval-") as tmp, checkpoint.as_directory() as d:
-        path = Path(d) / CHECKPOINT_FILE
+        path = Path(d) / BEST_FILE if (Path(d) / BEST_FILE).is_file() else Path(d) / CHECKPOINT_FILE
         run_id = (load_checkpoint(path).get("extra") or {}).get("mlflow_run_id")
         split_name = resolve_eval_split(data, split)
         data = replace(data, max_val_pairs=None, val_max_size=None)
@@ -581,7 +595,7 @@ def evaluate_best(cfg: StudyConfig, grid: Any, ranked: list[TrialSummary], uri: 
     pending = {}
     for t in [t for t in ranked if t.best is not None][: cfg.evaluate.top_n]:
         result = by_id[t.trial_id]
-        ckpt = result.get_best_checkpoint(cfg.metric, cfg.mode) or result.checkpoint
+        ckpt = result.checkpoint  # the latest; it carries the trial's best weights
         if ckpt is None:
             continue
         data = trial_config(cfg.base, t.sampled, t.name).data

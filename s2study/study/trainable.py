@@ -3,18 +3,21 @@
 The trial overlays its sampled values (dotted keys) on the study's base config, validates
 the result as a TrainConfig, opens (or reopens) its MLflow child run, and trains. After each
 epoch the report hook logs the metrics to MLflow (``step`` = epoch; the best checkpoint on
-improvement) and hands them to Tune with the epoch checkpoint, which Tune copies into the
-study's storage. ASHA stops a trial by raising ``SystemExit`` inside ``tune.report``; the
+improvement) and hands them to Tune with a checkpoint folder, which Tune copies into the
+study's storage: ``checkpoint.pt`` (the epoch's full training state) and ``best.pt`` (the
+trial's best weights so far by the study metric, without optimiser state). ASHA stops a trial by raising ``SystemExit`` inside ``tune.report``; the
 ``finally`` block ends the MLflow run with the matching status either way.
 
 A restarted trial (``max_failures``, or ``s2study run --resume``) continues from the last
-checkpoint Tune stored, and its MLflow run id comes back from that checkpoint's ``extra``.
+checkpoint Tune stored, with its best weights so far; its MLflow run id comes back from that
+checkpoint's ``extra``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from s2study.study import tracking
 from s2study.study.space import overlay
 
 CHECKPOINT_FILE = "checkpoint.pt"
+BEST_FILE = "best.pt"
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
             params=flatten(config_to_dict(cfg)), metric=settings.metric, mode=settings.mode, run_id=run_id,
         )
         tracking.set_tags(settings.tracking_uri, run.run_id, {"s2study.sampled": json.dumps(config, sort_keys=True)})
-        hook = _Reporter(run, work, settings.metric)
+        hook = _Reporter(run, work, settings.metric, settings.mode)
         status, reason = "failed", None
         try:
             train(cfg, out_dir=work / "train", report=hook, resume_from=resume_from,
@@ -93,10 +97,16 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
 
 
 class _Reporter:
-    """``train``'s report hook: MLflow first (so an ASHA stop loses nothing), then Tune."""
+    """``train``'s report hook: MLflow first (so an ASHA stop loses nothing), then Tune.
 
-    def __init__(self, run: tracking.TrialRun, work: Path, metric: str) -> None:
-        self.run, self.work, self.metric = run, work, metric
+    It keeps the trial's best weights in ``work/best.pt`` (restored with the trial) and puts
+    them in every Tune checkpoint next to the epoch's state.
+    """
+
+    def __init__(self, run: tracking.TrialRun, work: Path, metric: str, mode: str) -> None:
+        self.run, self.work, self.metric, self.mode = run, work, metric, mode
+        self.best_path = work / BEST_FILE
+        self.best = _metric_of(self.best_path, metric)
         self.last_epoch = 0
 
     def __call__(self, metrics: dict[str, float], checkpoint: Path) -> None:
@@ -104,23 +114,45 @@ class _Reporter:
 
         epoch = int(metrics["epoch"])
         self.last_epoch = epoch
+        if self._improves(metrics.get(self.metric)):
+            self.best = float(metrics[self.metric])
+            _save_weights_only(checkpoint, self.best_path)
         if self.run.log_epoch(metrics, epoch):
-            self._log_best(checkpoint)
+            self.run.log_artifact(self.best_path, "checkpoints")
         with tempfile.TemporaryDirectory(dir=self.work) as d:
             shutil.copy2(checkpoint, Path(d) / CHECKPOINT_FILE)
+            if self.best_path.is_file():
+                shutil.copy2(self.best_path, Path(d) / BEST_FILE)
             tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(d))
 
-    def _log_best(self, checkpoint: Path) -> None:
-        # train() writes best.pt (without optimiser state) when val_ncm improves
-        best = checkpoint.parent / "best.pt"
-        src = best if self.metric == "val_ncm" and best.is_file() else checkpoint
-        with tempfile.TemporaryDirectory(dir=self.work) as d:
-            shutil.copy2(src, Path(d) / "best.pt")
-            self.run.log_artifact(Path(d) / "best.pt", "checkpoints")
+    def _improves(self, value: float | None) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        return self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+
+
+def _save_weights_only(checkpoint: Path, dst: Path) -> None:
+    """``checkpoint`` without its optimiser state, written to ``dst``."""
+    from s2study.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    state.pop("optimizer", None)
+    save_checkpoint(dst, state)
+
+
+def _metric_of(path: Path, metric: str) -> float | None:
+    """The study metric recorded in checkpoint ``path`` (None where there is no such file)."""
+    if not path.is_file():
+        return None
+    from s2study.checkpoint import load_checkpoint
+
+    value = (load_checkpoint(path).get("metrics") or {}).get(metric)
+    return float(value) if value is not None else None
 
 
 def _restore(checkpoint: Any, work: Path) -> tuple[Path | None, str | None]:
-    """The Tune checkpoint as a local file to resume from, and the MLflow run id it carries."""
+    """The Tune checkpoint as a local file to resume from (its best weights into ``work``),
+    and the MLflow run id it carries."""
     if checkpoint is None:
         return None, None
     from s2study.checkpoint import load_checkpoint
@@ -128,6 +160,8 @@ def _restore(checkpoint: Any, work: Path) -> tuple[Path | None, str | None]:
     dst = work / "resume.pt"
     with checkpoint.as_directory() as d:
         shutil.copy2(Path(d) / CHECKPOINT_FILE, dst)
+        if (Path(d) / BEST_FILE).is_file():
+            shutil.copy2(Path(d) / BEST_FILE, work / BEST_FILE)
     extra = load_checkpoint(dst).get("extra") or {}
     return dst, extra.get("mlflow_run_id")
 
