@@ -359,6 +359,7 @@ def test_ctrl_c_stops_cleanly_and_resume_completes(tmp_path):
     assert code == 130, out[-4000:]
     assert left == [], f"processes left after Ctrl-C: {left}"
     assert "s2study run" in out and "--resume" in out, "the driver should say how to continue"
+    assert "Tuner.restore" not in out, "the CLI's resume command, not Tune's Python one"
     client, runs = mlflow_runs(uri, name)
     assert runs and not [r for r in runs if r.info.status == "RUNNING"], [
         (r.info.run_name, r.info.status) for r in runs

@@ -399,6 +399,7 @@ def run_study(
     if restorable and not resume:
         raise ConfigError(f"{cfg.source}: name: {exp_path} already holds study {cfg.name!r}; add --resume to "
                           "continue it, or pick another --storage or name")
+    _drop_tune_restore_hint()
     started = not ray.is_initialized()
     if started and address:
         ray.init(address=address, logging_level=logging.WARNING)
@@ -421,6 +422,23 @@ def run_study(
     finally:
         if started:
             ray.shutdown()
+
+
+class _NoTunerRestoreHint(logging.Filter):
+    """Cuts Tune's "Resume experiment with: Tuner.restore(...)" line from its interrupt warning:
+    s2study prints its own resume command (``s2study run ... --resume``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Tuner.restore(" in message:
+            record.msg, record.args = message.split("\n", 1)[0], ()
+        return True
+
+
+def _drop_tune_restore_hint() -> None:
+    logger = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _NoTunerRestoreHint) for f in logger.filters):
+        logger.addFilter(_NoTunerRestoreHint())
 
 
 def _study_run(cfg: StudyConfig, fs: Any, folder: str, experiment_id: str, resume: bool,
