@@ -552,7 +552,8 @@ def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int
     """Ray task: evaluate a trial's best weights and log the result into the trial's MLflow run.
 
     ``checkpoint`` is the trial's latest Tune checkpoint (its best weights, or the epoch state
-    where it has none). The whole split at full size (up to ``max_pairs``), not the per-epoch validation's subset.
+    where it has none). The whole split at full size (up to ``max_pairs``), not the per-epoch
+    validation's subset.
     """
     import tempfile
 

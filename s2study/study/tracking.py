@@ -309,6 +309,13 @@ def _search(uri: str, experiment_ids: list[str], filter_string: str, order_by: l
 # --------------------------------------------------------------------------- trial side
 
 
+def improves(value: float | None, best: float | None, mode: str) -> bool:
+    """Whether a finite ``value`` beats ``best`` (None: nothing yet) in ``mode`` (max or min)."""
+    if value is None or not math.isfinite(value):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
 class TrialRun:
     """The MLflow run of one Tune trial, opened (or reopened) inside the trainable.
 
@@ -355,8 +362,7 @@ class TrialRun:
         each metric history has steps 1..n without duplicates.
         """
         value = metrics.get(self.metric)
-        improved = value is not None and math.isfinite(value) and (
-            self.best is None or (value > self.best if self.mode == "max" else value < self.best))
+        improved = improves(value, self.best, self.mode)
         if epoch <= self.last_step:
             return False
         if improved:

@@ -5,8 +5,9 @@ the result as a TrainConfig, opens (or reopens) its MLflow child run, and trains
 epoch the report hook logs the metrics to MLflow (``step`` = epoch; the best checkpoint on
 improvement) and hands them to Tune with a checkpoint folder, which Tune copies into the
 study's storage: ``checkpoint.pt`` (the epoch's full training state) and ``best.pt`` (the
-trial's best weights so far by the study metric, without optimiser state). ASHA stops a trial by raising ``SystemExit`` inside ``tune.report``; the
-``finally`` block ends the MLflow run with the matching status either way.
+trial's best weights so far by the study metric, without optimiser state). ASHA stops a
+trial by raising ``SystemExit`` inside ``tune.report``; the ``finally`` block ends the
+MLflow run with the matching status either way.
 
 A restarted trial (``max_failures``, or ``s2study run --resume``) continues from the last
 checkpoint Tune stored, with its best weights so far; its MLflow run id comes back from that
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -114,7 +114,7 @@ class _Reporter:
 
         epoch = int(metrics["epoch"])
         self.last_epoch = epoch
-        if self._improves(metrics.get(self.metric)):
+        if tracking.improves(metrics.get(self.metric), self.best, self.mode):
             self.best = float(metrics[self.metric])
             _save_weights_only(checkpoint, self.best_path)
         if self.run.log_epoch(metrics, epoch):
@@ -124,11 +124,6 @@ class _Reporter:
             if self.best_path.is_file():
                 shutil.copy2(self.best_path, Path(d) / BEST_FILE)
             tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(d))
-
-    def _improves(self, value: float | None) -> bool:
-        if value is None or not math.isfinite(value):
-            return False
-        return self.best is None or (value > self.best if self.mode == "max" else value < self.best)
 
 
 def _save_weights_only(checkpoint: Path, dst: Path) -> None:
