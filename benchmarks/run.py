@@ -236,9 +236,9 @@ class Context:
         return self._cache[key]
 
     def weights(self) -> Path:
-        from s2study.paths import shared_weights_dir
+        from s2study.resolver import resolve_weights
 
-        return shared_weights_dir() / "r2d2_WASF_N16.pt"
+        return resolve_weights("official")
 
     def train_samples(self, preset: str, count: int):
         """The first ``count`` training pairs of a preset's dataset, read once."""
@@ -475,10 +475,10 @@ def _roadscene_image(ctx: Context) -> np.ndarray:
 
 def _rgbnir_image(ctx: Context) -> np.ndarray:
     from s2study.data.datasets import read_image
-    from s2study.paths import data_root
+    from s2study.resolver import resolve_dataset
 
     return ctx.cached(
-        "img:rgbnir", lambda: read_image(data_root("RGB-NIR") / "country" / "0000_rgb.jpg")
+        "img:rgbnir", lambda: read_image(resolve_dataset("rgbnir") / "country" / "0000_rgb.jpg")
     )
 
 

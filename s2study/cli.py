@@ -21,7 +21,7 @@ COMMAND_MODULES = (
     "s2study.study.commands",  # run, report
     "s2study.train",  # train
     "s2study.evaluate",  # eval, match, extract
-    "s2study.data.download",  # data download
+    "s2study.fetch",  # fetch, data download
     "s2study.cluster",  # cluster check
 )
 

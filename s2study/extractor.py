@@ -7,7 +7,9 @@ What ``checkpoint`` may be, tried in this order:
    from the method name and hyperparameters it stores, and its weights load strictly), or the
    official R2D2 checkpoint (a dict with ``net`` and ``state_dict``; its ``net`` string is
    parsed against R2D2's whitelist, never evaluated);
-2. the name of a baseline registered in :data:`s2study.baselines.BASELINES` (``sift``,
+2. a weights name (``official``, ``r2d2_WASF_N16``, ``faster2d2_WASF_N16``, ...), resolved to
+   the official file by :mod:`s2study.resolver` (fetched into the cache on first use);
+3. the name of a baseline registered in :data:`s2study.baselines.BASELINES` (``sift``,
    ``rift``; ``cmm-net`` is reserved and explains why it cannot run).
 
 Every extractor takes a uint8 image, HxW (gray, replicated to RGB) or HxWx3 (RGB), and returns
@@ -247,7 +249,8 @@ def load_extractor(
     """Return ``extractor(image, max_keypoints=4096) -> Features`` (see the module docstring).
 
     Args:
-        checkpoint: path of an s2study or official R2D2 checkpoint, or a baseline name.
+        checkpoint: path of an s2study or official R2D2 checkpoint, a weights name or a
+            baseline name.
         device: torch device of network methods (``cpu``, ``cuda``, ``auto``).
         multiscale: extract on the method's image pyramid (R2D2, D2-Net).
         options: further options of the method's ``extract`` or of the baseline's factory.
@@ -261,7 +264,11 @@ def load_extractor(
     """
     if multiscale:
         options = {"multiscale": True, **options}
+    from s2study.resolver import is_weights_name, resolve_weights
+
     path = Path(checkpoint).expanduser()
+    if not path.exists() and is_weights_name(str(checkpoint)):
+        path = resolve_weights(str(checkpoint))  # fetched into the cache on first use
     if path.is_dir():
         raise CheckpointError(f"{path.absolute()}: is a directory, expected a checkpoint file")
     if path.is_file():

@@ -116,12 +116,10 @@ def method_defaults(cfg: TrainConfig) -> tuple[int, float, float]:
 def build_model(cfg: TrainConfig, device: torch.device):
     """The method of ``cfg`` with its initial weights, on ``device``."""
     from s2study.methods import build_method
-    from s2study.paths import shared_weights_dir
+    from s2study.resolver import resolve_weights
 
     method = build_method(cfg.method.name, **cfg.method.params)
-    weights = cfg.method.weights
-    if weights == "official":
-        weights = str(shared_weights_dir() / "r2d2_WASF_N16.pt")
+    weights = cfg.method.weights and str(resolve_weights(cfg.method.weights))
     if weights:
         method.load_pretrained(weights)
         log.info("%s: initialised from %s", cfg.method.name, weights)

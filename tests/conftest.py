@@ -1,4 +1,5 @@
-"""Shared fixtures: the real data in ../shared, and environment for Ray/MLflow tests."""
+"""Shared fixtures: the real data and weights (through the project's resolver), and the
+environment for Ray/MLflow tests."""
 
 from __future__ import annotations
 
@@ -15,30 +16,41 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
-def _shared(sub: str, env: str) -> Path:
-    root = Path(os.environ.get(env) or REPO.parent / "shared" / sub)
-    if not root.is_dir():
-        pytest.fail(
-            f"the real {sub} this test needs is missing: looked in {root} "
-            f"(set {env} or place the project's shared/ folder beside the repository)"
-        )
-    return root
+def _resolved(resolve, name: str) -> Path:
+    """``resolve(name)``: a local copy (``$S2STUDY_DATA``/``$S2STUDY_WEIGHTS``, the cache,
+    ``../shared`` of this checkout) or a download by the project's resolver."""
+    from s2study.errors import S2StudyError
+
+    try:
+        return resolve(name)
+    except S2StudyError as exc:
+        pytest.fail(f"the real {name} this test needs cannot be had: {exc}")
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``../shared/data`` (or ``$S2STUDY_DATA``): holds ``RoadScene/`` and ``RGB-NIR/``."""
-    return _shared("data", "S2STUDY_DATA")
+def roadscene() -> Path:
+    """The real RoadScene folder (``cropinfrared/``, ``crop_LR_visible/``)."""
+    from s2study.resolver import resolve_dataset
+
+    return _resolved(resolve_dataset, "roadscene")
 
 
 @pytest.fixture(scope="session")
-def roadscene(shared_data) -> Path:
-    return shared_data / "RoadScene"
+def rgbnir() -> Path:
+    """The real RGB-NIR folder (category folders such as ``country/``)."""
+    from s2study.resolver import resolve_dataset
+
+    return _resolved(resolve_dataset, "rgbnir")
+
+
+@pytest.fixture(scope="session")
+def shared_data(roadscene, rgbnir) -> None:
+    """Both real datasets resolve by name (for tests that open them through configs)."""
 
 
 @pytest.fixture(scope="session")
 def official_r2d2() -> Path:
-    path = _shared("weights", "S2STUDY_WEIGHTS") / "r2d2_WASF_N16.pt"
-    if not path.is_file():
-        pytest.fail(f"the official R2D2 checkpoint is missing: {path}")
-    return path
+    """The official R2D2 checkpoint ``r2d2_WASF_N16.pt``."""
+    from s2study.resolver import resolve_weights
+
+    return _resolved(resolve_weights, "official")

@@ -18,7 +18,6 @@ from s2study.data.batch import make_s2_batch
 from s2study.data.datasets import RGBNIR, FolderPairs, RoadScene, open_dataset, read_image
 from s2study.data.pairs import PairSample
 from s2study.errors import ConfigError, DataError
-from s2study.paths import data_root, shared_weights_dir
 
 RNG = np.random.default_rng(0)
 
@@ -46,38 +45,6 @@ def blob_centroid(image: np.ndarray) -> np.ndarray:
 def blob(h: int, w: int, x: float, y: float, sigma: float = 2.0) -> np.ndarray:
     ys, xs = np.mgrid[:h, :w]
     return (255 * np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma**2))).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------- paths
-
-
-def test_data_root_order(tmp_path, monkeypatch):
-    (tmp_path / "env" / "RoadScene").mkdir(parents=True)
-    monkeypatch.setenv("S2STUDY_DATA", str(tmp_path / "env"))
-    assert data_root("RoadScene") == tmp_path / "env" / "RoadScene"
-    assert data_root("RoadScene", explicit=tmp_path) == tmp_path  # explicit wins
-    monkeypatch.delenv("S2STUDY_DATA")
-    beside_repo = Path(s2study.__file__).resolve().parents[2] / "shared" / "data" / "RoadScene"
-    if beside_repo.is_dir():
-        assert data_root("RoadScene") == beside_repo
-
-
-def test_data_root_missing_names_every_place(tmp_path, monkeypatch):
-    monkeypatch.setenv("S2STUDY_DATA", str(tmp_path / "nowhere"))
-    with pytest.raises(DataError) as err:
-        data_root("NoSuchDataset")
-    msg = str(err.value)
-    assert str(tmp_path / "nowhere" / "NoSuchDataset") in msg
-    assert "shared" in msg and "S2STUDY_DATA" in msg
-    with pytest.raises(DataError, match="explicit"):
-        data_root("RoadScene", explicit=tmp_path / "absent")
-
-
-def test_weights_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("S2STUDY_WEIGHTS", str(tmp_path))
-    assert shared_weights_dir() == tmp_path
-    monkeypatch.setenv("S2STUDY_WEIGHTS", str(tmp_path / "absent"))
-    assert shared_weights_dir(explicit=tmp_path) == tmp_path
 
 
 # ----------------------------------------------------------------------------- RoadScene
@@ -170,14 +137,14 @@ def test_max_size_keeps_ground_truth(tmp_path):
 # ----------------------------------------------------------------------------- RGB-NIR
 
 
-def test_rgbnir_real_index_split(shared_data):
-    country = shared_data / "RGB-NIR" / "country"
+def test_rgbnir_real_index_split(rgbnir):
+    country = rgbnir / "country"
     val, train = RGBNIR(country, "val"), RGBNIR(country, "train")
     n = len(list(country.glob("*_rgb.*")))
     assert len(val) + len(train) == n and len(val) == (n + 4) // 5
     assert val.ids[:2] == ["country/0000", "country/0005"]
     assert RGBNIR(country, "test").ids == val.ids
-    assert RGBNIR(shared_data / "RGB-NIR", "val").ids == val.ids  # root holding categories
+    assert RGBNIR(rgbnir, "val").ids == val.ids  # root holding categories
     s = val[0]
     assert (s.modality_a, s.modality_b) == ("vis", "nir") and s.image_a.shape == s.image_b.shape
 

@@ -31,7 +31,8 @@ class DataConfig:
 
     Attributes:
         dataset: registered dataset name: ``roadscene``, ``rgbnir`` or ``folder``.
-        root: dataset root; None resolves through ``S2STUDY_DATA`` then ``../shared/data``.
+        root: dataset folder; None resolves the dataset by name (:mod:`s2study.resolver`:
+            ``S2STUDY_DATA``, the cache, ``../shared/data`` of a checkout, else a download).
         train_split / val_split / test_split: split names (RoadScene split files; for RGB-NIR
             and folders a split by image index, see the loaders).
         max_train_pairs / max_val_pairs: cap the number of pairs (None: all).
@@ -124,8 +125,10 @@ class MethodConfig:
 
     Attributes:
         name: registered method: ``r2d2`` or ``d2net``.
-        weights: initial weights: a file path, ``official`` (R2D2's official checkpoint) or
-            None (random init; D2-Net also accepts a torchvision VGG16 file).
+        weights: initial weights: a file path, a weights name (``official`` = ``r2d2_WASF_N16``,
+            ``r2d2_WAF_N16``, ``faster2d2_WASF_N16``, ...; resolved and fetched by
+            :mod:`s2study.resolver`) or None (random init; D2-Net also accepts a torchvision
+            VGG16 file).
         params: method hyperparameters; only keys of the method's ``default_params``.
     """
 

@@ -9,10 +9,12 @@ Layouts and splits:
 
 - ``roadscene`` (root ``RoadScene/``): ``crop_LR_visible/<ID>.jpg`` (or, when that folder is
   absent, ``crop_HR_visible/<ID>.jpg``, resized onto the infrared grid) with
-  ``cropinfrared/<ID>.jpg``; pixel-aligned. A split is the list of IDs in
-  ``splits/<split>.txt`` (one per line, ``#`` comments allowed). The shared copy of RoadScene
-  has no ``test.txt`` on purpose; asking for that split raises :class:`DataError`.
-  ``s2study data download roadscene`` writes split files when the archive has none.
+  ``cropinfrared/<ID>.jpg``; pixel-aligned. The split is the project's (package data, the
+  same on every machine; not the paper's, which is unpublished): ``train`` and ``val`` list 156
+  and 20 scene-disjoint IDs, ``test`` is every other pair of the folder (45 of the full 221;
+  a copy holding only train and val has an empty test split, which raises
+  :class:`DataError`). A ``splits/<split>.txt`` file in the root (one ID per line, ``#``
+  comments allowed) overrides a split.
 - ``rgbnir`` (root ``RGB-NIR/``, holding category folders, or a single category folder such
   as ``country/``): ``NNNN_rgb.<ext>`` with ``NNNN_nir.<ext>`` (``.tiff``, ``.tif``, ``.jpg``,
   ``.png``, ``.bmp``); pixel-aligned; pair ids ``<category>/NNNN``.
@@ -40,8 +42,9 @@ from s2study.config.schema import DataConfig
 from s2study.data.pairs import PairDataset, PairSample
 from s2study.errors import DataError
 from s2study.geometry import check_transform
-from s2study.paths import data_root
 from s2study.registry import Registry
+from s2study.resolver import DATASETS as RESOLVABLE
+from s2study.resolver import resolve_dataset
 
 DATASETS: Registry[Callable[..., PairDataset]] = Registry("dataset")
 
@@ -208,11 +211,38 @@ def _split_ids(root: Path, split: str, groups: dict[str, list[str]]) -> list[str
 # ----------------------------------------------------------------------------- RoadScene
 
 
+#: the project's RoadScene split (package data): every machine trains and evaluates on these
+ROADSCENE_SPLITS = Path(__file__).with_name("splits") / "roadscene"
+ROADSCENE_SPLIT_NAMES = ("train", "val", "test")
+
+
+def roadscene_split(root: Path, split: str, present: list[str]) -> tuple[list[str], str]:
+    """Ids of a RoadScene split and where they come from (for messages).
+
+    ``root/splits/<split>.txt`` when the dataset folder has one; else the project's split:
+    ``train`` and ``val`` are the package's lists, ``test`` every other pair ``present`` (the
+    scenes of neither). Not the paper's split, which is unpublished.
+    """
+    own = root / "splits" / f"{split}.txt"
+    if own.is_file():
+        return _read_ids(own), str(own)
+    if split in ("train", "val"):
+        listed = ROADSCENE_SPLITS / f"{split}.txt"
+        return _read_ids(listed), f"the project's split file {listed.name}"
+    if split == "test":
+        known = {i for name in ("train", "val") for i in _read_ids(ROADSCENE_SPLITS / f"{name}.txt")}
+        test = [i for i in present if i not in known]
+        if not test:
+            raise DataError(f"RoadScene split 'test' of {root} is empty: this copy holds only the "
+                            "train and val pairs (the test split is the dataset's other pairs)")
+        return test, "the pairs in neither train nor val"
+    raise DataError(f"unknown RoadScene split {split!r}; allowed: {', '.join(ROADSCENE_SPLIT_NAMES)} "
+                    f"(or a file {root / 'splits' / (split + '.txt')})")
+
+
 @DATASETS.register("roadscene")
 class RoadScene(FilePairDataset):
     """RoadScene visible / thermal-infrared pairs (pixel-aligned), split by ``splits/*.txt``."""
-
-    dirname = "RoadScene"
 
     def __init__(self, root: Path, split: str, max_size: int | None = None,
                  max_pairs: int | None = None) -> None:
@@ -227,24 +257,18 @@ class RoadScene(FilePairDataset):
                 raise DataError(
                     f"RoadScene root {self.root} has no {folder.name}/ folder "
                     "(expected crop_LR_visible/ or crop_HR_visible/, and cropinfrared/)")
-        split_file = self.root / "splits" / f"{split}.txt"
-        if not split_file.is_file():
-            have = sorted(p.stem for p in (self.root / "splits").glob("*.txt"))
-            note = (" (the test split is not part of this copy of RoadScene)"
-                    if split == "test" else "")
-            raise DataError(f"RoadScene split file {split_file} is absent{note}; "
-                            f"splits present: {', '.join(have) or 'none'}")
         files_a, files_b = _index_files(visible), _index_files(infrared)
+        ids, source = roadscene_split(self.root, split, sorted(files_a.keys() & files_b.keys()))
         pairs = []
-        for pair_id in _read_ids(split_file):
+        for pair_id in ids:
             for files, folder in ((files_a, visible), (files_b, infrared)):
                 if pair_id not in files:
-                    raise DataError(f"RoadScene id {pair_id!r} listed in {split_file} has no "
+                    raise DataError(f"RoadScene id {pair_id!r} listed in {source} has no "
                                     f"image {folder}/{pair_id}.jpg (or another image extension)")
             pairs.append(PairFiles(pair_id, files_a[pair_id], files_b[pair_id],
                                    resize_a_to_b=from_hr))
         if not pairs:
-            raise DataError(f"RoadScene split file {split_file} lists no ids")
+            raise DataError(f"RoadScene split {split!r} of {self.root} is empty ({source})")
         super().__init__(_cap(pairs, max_pairs), max_size, ("vis", "tir"))
 
 
@@ -270,8 +294,6 @@ def _rgbnir_category(folder: Path) -> dict[str, PairFiles]:
 @DATASETS.register("rgbnir")
 class RGBNIR(FilePairDataset):
     """RGB-NIR scene dataset visible / near-infrared pairs (pixel-aligned), split by index."""
-
-    dirname = "RGB-NIR"
 
     def __init__(self, root: Path, split: str, max_size: int | None = None,
                  max_pairs: int | None = None) -> None:
@@ -337,8 +359,6 @@ def _folder_pairs(root: Path) -> dict[str, tuple[Path, Path]]:
 class FolderPairs(FilePairDataset):
     """Pairs from any folder, with an optional per-pair ground-truth transform A -> B."""
 
-    dirname = None
-
     def __init__(self, root: Path, split: str, max_size: int | None = None,
                  max_pairs: int | None = None) -> None:
         self.root = Path(root)
@@ -370,7 +390,8 @@ class FolderPairs(FilePairDataset):
 def open_dataset(cfg: DataConfig, split: str) -> PairDataset:
     """Open ``split`` of the dataset ``cfg.dataset``.
 
-    The root is ``cfg.root`` or found through :func:`s2study.paths.data_root`. The validation
+    The root is ``cfg.root`` or resolved by name (:func:`s2study.resolver.resolve_dataset`:
+    fetched into the cache when no local copy exists). The validation
     split is shrunk to ``cfg.val_max_size``; ``max_train_pairs`` / ``max_val_pairs`` cap the
     train and validation splits.
 
@@ -379,9 +400,12 @@ def open_dataset(cfg: DataConfig, split: str) -> PairDataset:
         DataError: missing root, split file or image.
     """
     cls = DATASETS.get(cfg.dataset)
-    if cls.dirname is None and cfg.root is None:
+    if cfg.dataset in RESOLVABLE:
+        root = resolve_dataset(cfg.dataset, cfg.root)
+    elif cfg.root is None:
         raise DataError(f"dataset {cfg.dataset!r} needs data.root (the folder holding the pairs)")
-    root = data_root(cls.dirname or "", cfg.root)
+    else:
+        root = Path(cfg.root)
     max_pairs = {cfg.train_split: cfg.max_train_pairs, cfg.val_split: cfg.max_val_pairs}
     max_size = cfg.val_max_size if split == cfg.val_split else None
     return cls(root, split, max_size=max_size, max_pairs=max_pairs.get(split))

@@ -54,6 +54,7 @@ from s2study.config.load import (
 )
 from s2study.errors import ConfigError, EnvironmentProblem
 from s2study.registry import unknown_name_message
+from s2study.resolver import is_weights_name
 from s2study.study.space import (
     ParamSpec,
     corner_cases,
@@ -341,7 +342,7 @@ def _absolute_paths(base: dict[str, Any], cwd: Path, source: str) -> None:
     data, method = base.get("data"), base.get("method")
     if isinstance(data, dict) and isinstance(data.get("root"), str):
         data["root"] = _absolute(data["root"], cwd, f"{source}: base.data.root")
-    if isinstance(method, dict) and isinstance(method.get("weights"), str) and method["weights"] != "official":
+    if isinstance(method, dict) and isinstance(method.get("weights"), str) and not is_weights_name(method["weights"]):
         method["weights"] = _absolute(method["weights"], cwd, f"{source}: base.method.weights")
 
 

@@ -108,15 +108,16 @@ def resolve_eval_split(data: DataConfig, choice: str) -> str:
 
 
 def preflight_data(cfg: StudyConfig) -> None:
-    """Every dataset split the trials and the evaluation use exists here (and the weights).
+    """Every dataset split and weights file the trials and the evaluation use resolves here.
 
-    Checked on the driver for local runs, for every dataset the space can produce.
+    Datasets and weights given by name are fetched into this machine's cache when no local
+    copy exists (:mod:`s2study.resolver`), for every configuration the space can produce.
 
     Raises:
-        DataError: naming the dataset, split and path.
+        DataError: naming the dataset, split, weights and path (or the failed download).
     """
     from s2study.data.datasets import open_dataset
-    from s2study.paths import shared_weights_dir
+    from s2study.resolver import resolve_weights
 
     seen: set[str] = set()
     for values in corner_cases(cfg.space, cfg.base_flat):
@@ -130,10 +131,36 @@ def preflight_data(cfg: StudyConfig) -> None:
                 splits.add(resolve_eval_split(data, cfg.evaluate.split))
             for split in sorted(splits):
                 open_dataset(data, split)
-        if train["method"].get("weights") == "official":
-            path = shared_weights_dir() / "r2d2_WASF_N16.pt"
-            if not path.is_file():
-                raise DataError(f"method.weights: official: {path} is missing")
+        if train["method"].get("weights"):
+            resolve_weights(train["method"]["weights"])
+
+
+def preflight_on_worker(cfg: StudyConfig, echo: Echo) -> None:
+    """:func:`preflight_data` in a Ray task with one trial's resources, so on a node where
+    trials run (the autoscaler may have to start one first); it fills that node's cache.
+
+    Raises:
+        DataError: the worker's message, naming the node.
+    """
+    import ray
+
+    echo("checking that a worker node resolves the study's data and weights "
+         "(downloading them into its cache if needed) ...")
+
+    def check() -> tuple[str, str | None]:
+        from s2study.errors import S2StudyError
+
+        node = ray.util.get_node_ip_address()
+        try:
+            preflight_data(cfg)
+        except S2StudyError as exc:
+            return node, str(exc)
+        return node, None
+
+    task = ray.remote(check).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu)
+    ip, problem = ray.get(task.remote())
+    if problem:
+        raise DataError(f"on worker node {ip}: {problem}")
 
 
 def check_local_cuda(cfg: StudyConfig) -> None:
@@ -408,6 +435,7 @@ def run_study(
     try:
         if address:
             _cluster_checks(cfg, storage_vouched=storage_filesystem is not None)
+            preflight_on_worker(cfg, echo)
         experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
         parent = _study_run(cfg, fs, folder, experiment_id, resume, study_text, echo)
         outcome = StudyOutcome(cfg.name, exp_path, uri, experiment_id, parent)
