@@ -221,7 +221,8 @@ def resolve_dataset(name: str, explicit: str | os.PathLike | None = None, *, fet
     if explicit is not None:
         path = Path(explicit).expanduser().absolute()
         if not path.is_dir():
-            raise DataError(f"dataset {entry.name}: the folder {path} given for it does not exist")
+            raise DataError(f"dataset {entry.name}: the folder {path} given as its root does not exist "
+                            f"(leave the root unset to find or fetch {entry.name} by name)")
         return path.resolve()
     found = find_dataset(name)
     if found is not None:

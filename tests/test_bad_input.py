@@ -428,9 +428,8 @@ def test_missing_dataset_root_names_the_path_and_the_variable(capsys, cwd, tmp_p
     )
     assert_user_error(
         o,
-        "dataset folder 'RoadScene' not found; looked in: ",
-        f"{missing} (explicit path)",
-        "S2STUDY_DATA",
+        f"dataset roadscene: the folder {missing} given as its root does not exist",
+        "leave the root unset to find or fetch roadscene by name",
     )
     assert_nothing_created(cwd)  # today train() creates runs/train before opening the data
 

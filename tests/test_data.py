@@ -63,7 +63,7 @@ def test_roadscene_real_splits(roadscene):
 
 
 def test_roadscene_absent_test_split_says_so(roadscene):
-    with pytest.raises(DataError, match=r"test\.txt is absent.*not part of this copy"):
+    with pytest.raises(DataError, match=r"split 'test' .* is empty: this copy holds only the train and val"):
         RoadScene(roadscene, "test")
 
 

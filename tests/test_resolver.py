@@ -69,7 +69,7 @@ def test_resolution_order(tmp_path, monkeypatch, roadscene):
     shared = resolver.dev_shared()
     assert shared is not None and shared == REPO.parent / "shared"  # this is a checkout
     assert resolver.resolve_dataset("roadscene") == (shared / "data" / "RoadScene").resolve()
-    with pytest.raises(DataError, match="the folder .* given for it does not exist"):
+    with pytest.raises(DataError, match="the folder .* given as its root does not exist"):
         resolver.resolve_dataset("roadscene", tmp_path / "absent")
 
 
