@@ -2,10 +2,12 @@
 
 Two jobs live here:
 
-* ``s2study cluster check FILE ...``: validate a Ray cluster-launcher YAML (``clusters/gpu.yaml``,
-  ``clusters/local.yaml``) offline, with Ray's own schema and its own defaults merge and
-  cross-field checks, or a KubeRay ``RayCluster`` manifest (``clusters/kuberay.yaml``)
-  structurally. Problems come back as plain sentences that name the key.
+* ``s2study cluster check [--study STUDY.yaml] FILE ...``: validate a Ray cluster-launcher YAML
+  (``clusters/gpu.yaml``, ``clusters/local.yaml``) offline, with Ray's own schema and its own
+  defaults merge and cross-field checks plus s2study's own (worker instance profiles, the Ray
+  version of the node image), or a KubeRay ``RayCluster`` manifest (``clusters/kuberay.yaml``)
+  structurally; with ``--study``, also whether the study's trials fit the cluster. Problems come
+  back as plain sentences that name the key.
 * Helpers the study runner calls before ``Tuner.fit`` on a cluster: the number of alive nodes,
   and refusals of a node-local ``storage_path`` or tracking store when trials run on more than
   one node (the trials on the other nodes could not write there).
@@ -33,7 +35,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from s2study.errors import EnvironmentProblem
+from s2study.errors import ConfigError, EnvironmentProblem
 
 #: ``storage_path`` schemes that every node reaches (pyarrow filesystems Ray Tune accepts)
 REMOTE_STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
@@ -42,6 +44,12 @@ _RAY_IMAGE = re.compile(r"^(?:docker\.io/)?rayproject/(?P<repo>ray|ray-ml)(?::(?
 _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _K8S_QUANTITY = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i|[mkMGTPE]|n|u)?$")
 _GPU_KEYS = ("nvidia.com/gpu", "amd.com/gpu")
+_FROM = re.compile(r"^\s*FROM\s+(?:--platform=\S+\s+)?(?P<image>\S+)", re.IGNORECASE | re.MULTILINE)
+
+#: the instance profiles Ray creates for (and gives to) the head node on AWS
+HEAD_DEFAULT_PROFILES = ("ray-autoscaler-v1", "ray-autoscaler-cloudwatch-v1")
+#: the node image built from docker/Dockerfile is named ``REGISTRY/s2study:TAG``
+IMAGE_NAME = "s2study"
 
 #: where ``ray up`` leaves the prepared cluster config on the head (read by the autoscaler)
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -63,9 +71,12 @@ def check_cluster_file(path: str | os.PathLike[str]) -> list[str]:
 
     A cluster-launcher YAML goes through Ray's schema (``ray-schema.json``) first, then through
     Ray's own defaults merge and cross-field checks (``prepare_config`` + ``validate_config``,
-    the same code ``ray up`` runs before it contacts the cloud). A KubeRay manifest
+    the same code ``ray up`` runs before it contacts the cloud), then through s2study's own: no
+    worker node type may launch with the head's instance profile. A KubeRay manifest
     (``kind: RayCluster``) is checked structurally. Both also check that a ``rayproject/ray``
-    image runs the Ray version of this client.
+    image runs the Ray version of this client, and so does the base image of an ``s2study``
+    image (``REGISTRY/s2study:TAG``) when its ``docker/Dockerfile`` sits beside the cluster
+    file's folder (the repository layout: ``clusters/`` and ``docker/``).
 
     Args:
         path: the YAML file.
@@ -77,22 +88,39 @@ def check_cluster_file(path: str | os.PathLike[str]) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         return [f"cannot read the file: {exc.strerror or exc}"]
+    doc, problem = _parse_cluster_yaml(text)
+    if problem:
+        return [problem]
+    dockerfile = Path(path).resolve().parent.parent / "docker" / "Dockerfile"
+    dockerfile = dockerfile if dockerfile.is_file() else None
+    if "apiVersion" in doc or "kind" in doc:
+        return check_kuberay_manifest(doc, dockerfile)
+    return check_launcher_config(doc, dockerfile)
+
+
+def _parse_cluster_yaml(text: str) -> tuple[Any, str | None]:
+    """The parsed mapping, or a sentence saying why the text is not one."""
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        return [f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"]
+        return None, f"not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"
     if not isinstance(doc, dict):
         kind = type(doc).__name__
-        return [f"the file must hold a mapping (a Ray launcher config or a RayCluster), not {kind}"]
-    if "apiVersion" in doc or "kind" in doc:
-        return check_kuberay_manifest(doc)
-    return check_launcher_config(doc)
+        return None, (
+            f"the file must hold a mapping (a Ray launcher config or a RayCluster), not {kind}"
+        )
+    return doc, None
 
 
-def check_launcher_config(config: dict[str, Any]) -> list[str]:
-    """Validate a parsed Ray cluster-launcher config; see :func:`check_cluster_file`."""
+def check_launcher_config(config: dict[str, Any], dockerfile: Path | None = None) -> list[str]:
+    """Validate a parsed Ray cluster-launcher config; see :func:`check_cluster_file`.
+
+    Args:
+        config: the parsed launcher YAML.
+        dockerfile: the ``docker/Dockerfile`` an ``s2study`` image is built from, if known.
+    """
     problems = [
         problem
         for error in _schema_errors(config, _ray_schema())
@@ -101,21 +129,27 @@ def check_launcher_config(config: dict[str, Any]) -> list[str]:
     if not problems:
         problems = _ray_cross_checks(config)
     # jsonschema reports a `required` error once per missing key, each listing all of them
-    return list(dict.fromkeys(problems)) + _launcher_image_problems(config)
+    return (
+        list(dict.fromkeys(problems))
+        + _launcher_image_problems(config, dockerfile)
+        + _instance_profile_problems(config)
+    )
 
 
-def check_kuberay_manifest(doc: dict[str, Any]) -> list[str]:
+def check_kuberay_manifest(doc: dict[str, Any], dockerfile: Path | None = None) -> list[str]:
     """Check a KubeRay ``RayCluster`` manifest structurally.
 
     Checked: ``apiVersion: ray.io/v1``, ``kind: RayCluster``, a DNS-label ``metadata.name``,
     ``spec.headGroupSpec`` and each ``spec.workerGroupSpecs[i]`` (unique ``groupName``, integer
     ``replicas`` within ``minReplicas..maxReplicas``, ``rayStartParams`` values as strings,
     containers with name and image, resource quantities, whole-number GPU limits equal to any
-    GPU requests), a named ``authOptions.mode`` and the ``rayproject/ray`` image versions against
-    ``spec.rayVersion`` and this client's Ray.
+    GPU requests), a named ``authOptions.mode`` and the ``rayproject/ray`` image versions (or,
+    for an ``s2study`` image, its ``dockerfile``'s base) against ``spec.rayVersion`` and this
+    client's Ray.
 
     Args:
         doc: the parsed manifest.
+        dockerfile: the ``docker/Dockerfile`` an ``s2study`` image is built from, if known.
 
     Returns:
         Problems in plain words; empty when the manifest is fine.
@@ -156,7 +190,7 @@ def check_kuberay_manifest(doc: dict[str, Any]) -> list[str]:
     if not isinstance(head, dict):
         problems.append("spec.headGroupSpec is missing or not a mapping")
     else:
-        problems += _check_group(head, "spec.headGroupSpec", ray_version)
+        problems += _check_group(head, "spec.headGroupSpec", ray_version, dockerfile)
 
     workers = spec.get("workerGroupSpecs", [])
     if not isinstance(workers, list):
@@ -176,7 +210,7 @@ def check_kuberay_manifest(doc: dict[str, Any]) -> list[str]:
         else:
             seen.add(group_name)
         problems += _check_replicas(group, where)
-        problems += _check_group(group, where, ray_version)
+        problems += _check_group(group, where, ray_version, dockerfile)
     return problems
 
 
@@ -315,28 +349,180 @@ def check_tracking_for_cluster(uri: str, n_nodes: int) -> None:
         )
 
 
+# --------------------------------------------------------------------------- studies on clusters
+
+
+def check_study_resources(study: Any) -> list[str]:
+    """What a study asks of every trial that no cluster can give it.
+
+    Args:
+        study: a :class:`s2study.study.config.StudyConfig`.
+
+    Returns:
+        Problems in plain words (without the file name); empty when the request is fine.
+    """
+    gpu = study.resources.gpu
+    if gpu > 1:
+        return [
+            (
+                f"resources.gpu: {gpu:g} per trial, but the trainer uses one device (a trial "
+                "never spreads over several GPUs, so the others would sit idle); use gpu: 1, or "
+                "a fraction such as 0.5 to share one GPU between trials"
+            )
+        ]
+    return []
+
+
+def check_study_for_cluster(study: Any, path: str | os.PathLike[str]) -> list[str]:
+    """Refuse a GPU study against a cluster file none of whose node types offers a GPU.
+
+    A node type's GPUs are read from its declared ``resources`` (launcher YAMLs) or from the
+    group's ``rayStartParams.num-gpus`` or its Ray container's GPU limit (KubeRay). Where that
+    is not declared (Ray fills it from the instance type at launch, or the ``local`` provider
+    detects it at ``ray start``), the file is not refused: only AWS or the machines know.
+
+    Args:
+        study: a :class:`s2study.study.config.StudyConfig`.
+        path: the cluster file.
+
+    Returns:
+        Problems in plain words naming both files; empty when a GPU may be offered, when the
+        study needs none, or when the file cannot be read (:func:`check_cluster_file` says why).
+    """
+    gpu = study.resources.gpu
+    if gpu <= 0:
+        return []
+    try:
+        doc, problem = _parse_cluster_yaml(Path(path).read_text(encoding="utf-8"))
+    except OSError:
+        return []
+    if problem:
+        return []
+    kuberay = "apiVersion" in doc or "kind" in doc
+    offers = _kuberay_gpu_offers(doc) if kuberay else _launcher_gpu_offers(doc)
+    if not offers or any(count is None or count > 0 for _, count, _ in offers):
+        return []
+    detail = "; ".join(f"{where}: {why}" for where, _, why in offers)
+    return [
+        (
+            f"the study {study.source} asks for gpu: {gpu:g} per trial, but no node type of "
+            f"{path} offers a GPU ({detail}), so its trials could never start; add a GPU node "
+            f"type to {path} or set resources.gpu: 0 in {study.source}"
+        )
+    ]
+
+
+def _launcher_gpu_offers(config: dict[str, Any]) -> list[tuple[str, float | None, str]]:
+    """``(node type, GPUs or None when undeclared, why)`` per node type that may run trials."""
+    types = config.get("available_node_types")
+    if not isinstance(types, dict):
+        return []  # the local provider: Ray detects each machine's GPUs at `ray start`
+    offers = []
+    for name, node_type in types.items():
+        if not isinstance(node_type, dict):
+            continue
+        where = f"available_node_types.{name}"
+        if name != config.get("head_node_type") and node_type.get("max_workers") == 0:
+            offers.append((where, 0.0, "max_workers 0"))
+            continue
+        resources = node_type.get("resources")
+        gpus = resources.get("GPU") if isinstance(resources, dict) else None
+        if isinstance(gpus, (int, float)) and not isinstance(gpus, bool):
+            offers.append((where, float(gpus), f"resources.GPU {gpus:g}"))
+        else:
+            offers.append((where, None, "GPU not declared"))
+    return offers
+
+
+def _kuberay_gpu_offers(doc: dict[str, Any]) -> list[tuple[str, float | None, str]]:
+    """``(group, GPUs, why)`` per KubeRay group: ``num-gpus``, else the Ray container's limit."""
+    groups = [("spec.headGroupSpec", _get(doc, "spec", "headGroupSpec"))]
+    workers = _get(doc, "spec", "workerGroupSpecs")
+    if isinstance(workers, list):
+        groups += [(f"spec.workerGroupSpecs[{i}]", g) for i, g in enumerate(workers)]
+    offers: list[tuple[str, float | None, str]] = []
+    for where, group in groups:
+        if not isinstance(group, dict):
+            continue
+        if where != "spec.headGroupSpec" and group.get("maxReplicas") == 0:
+            offers.append((where, 0.0, "maxReplicas 0"))
+            continue
+        params = group.get("rayStartParams")
+        num_gpus = params.get("num-gpus") if isinstance(params, dict) else None
+        if num_gpus is not None:
+            try:
+                offers.append((where, float(num_gpus), f"num-gpus {num_gpus}"))
+            except (TypeError, ValueError):
+                offers.append((where, None, f"num-gpus {num_gpus!r}"))
+            continue
+        containers = _get(group, "template", "spec", "containers")
+        ray_container = containers[0] if isinstance(containers, list) and containers else None
+        limits = _get(ray_container, "resources", "limits")
+        counts = [
+            _whole_number(limits[key])
+            for key in _GPU_KEYS
+            if isinstance(limits, dict) and key in limits
+        ]
+        if any(c is None for c in counts):
+            offers.append((where, None, "GPU limit not a whole number"))
+        elif counts:
+            offers.append((where, float(sum(counts)), f"GPU limit {sum(counts)}"))
+        else:
+            offers.append((where, 0.0, "no GPU limit"))
+    return offers
+
+
 # --------------------------------------------------------------------------- CLI
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``s2study cluster check FILE [FILE ...]``."""
+    """Add ``s2study cluster check [--study STUDY.yaml] FILE [FILE ...]``."""
     parser = subparsers.add_parser("cluster", help="Ray cluster files (see docs/cluster.md)")
     actions = parser.add_subparsers(dest="cluster_action", metavar="ACTION", required=True)
     check = actions.add_parser(
         "check",
         help="validate cluster files offline (launcher YAMLs with Ray's schema, KubeRay manifests)",
         description="Validate Ray cluster-launcher YAMLs with Ray's own schema, defaults and "
-        "cross-field checks, and KubeRay RayCluster manifests structurally; no cloud account "
-        "or network needed. Exit 0 when every file is fine, 2 otherwise.",
+        "cross-field checks (and s2study's: worker instance profiles, the node image's Ray), "
+        "and KubeRay RayCluster manifests structurally; with --study, also whether the study's "
+        "trials can run on each cluster. No cloud account or network needed. Exit 0 when every "
+        "file is fine, 2 otherwise.",
     )
     check.add_argument("files", nargs="+", metavar="FILE", help="cluster YAML files")
+    check.add_argument(
+        "--study",
+        action="append",
+        default=[],
+        metavar="STUDY.yaml",
+        help="a study file to run on these clusters (repeatable): refused when a trial asks for "
+        "more than one GPU, or for a GPU that no node type of a cluster file offers",
+    )
     check.set_defaults(func=_cmd_check)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     status = 0
+    studies = []
+    if args.study:
+        from s2study.study.config import load_study
+
+    for name in args.study:
+        try:
+            study = load_study(name)
+        except ConfigError as exc:
+            status = 2
+            print(" ".join(str(exc).split()))
+            continue
+        problems = check_study_resources(study)
+        for problem in problems:
+            print(f"{name}: {problem}")
+        if not problems:
+            print(f"{name}: ok")
+        status = 2 if problems else status
+        studies.append(study)
     for name in args.files:
         problems = check_cluster_file(name)
+        problems += [p for study in studies for p in check_study_for_cluster(study, name)]
         if not problems:
             print(f"{name}: ok")
             continue
@@ -467,7 +653,7 @@ def _explain_ray_error(message: str, config: dict[str, Any]) -> str:
     return message.replace("`", "'")
 
 
-def _launcher_image_problems(config: dict[str, Any]) -> list[str]:
+def _launcher_image_problems(config: dict[str, Any], dockerfile: Path | None = None) -> list[str]:
     images: list[tuple[str, Any]] = []
     docker = config.get("docker")
     if isinstance(docker, dict):
@@ -487,7 +673,64 @@ def _launcher_image_problems(config: dict[str, Any]) -> list[str]:
                         node_docker["worker_image"],
                     )
                 )
-    return [p for where, image in images for p in _image_problems(where, image, None)]
+    return [
+        p for where, image in images for p in _node_image_problems(where, image, None, dockerfile)
+    ]
+
+
+def _instance_profile_problems(config: dict[str, Any]) -> list[str]:
+    """Refuse worker node types that launch with the head's IAM instance profile.
+
+    Ray gives the head ``ray-autoscaler-v1`` (EC2 and S3 full access) unless the head node type
+    names a profile. A worker started with that profile fails to launch, because the head's
+    role may not pass its own role (``iam:PassRole``, ray-project/ray#3190), and once the role
+    can, every trial on the worker holds EC2 full access.
+    """
+    types = config.get("available_node_types")
+    if not isinstance(types, dict):
+        return []
+    head_type = config.get("head_node_type")
+    head_profiles = set(HEAD_DEFAULT_PROFILES)
+    head = types.get(head_type) if isinstance(head_type, str) else None
+    head_own = _profile_name(_get(head, "node_config", "IamInstanceProfile"))
+    if head_own:
+        head_profiles.add(head_own)
+    problems = []
+    for name, node_type in types.items():
+        if name == head_type:
+            continue
+        profile = _profile_name(_get(node_type, "node_config", "IamInstanceProfile"))
+        if profile not in head_profiles:
+            continue
+        whose = (
+            f"the one head node type {head_type!r} sets"
+            if profile == head_own
+            else "the one Ray creates for the head"
+        )
+        problems.append(
+            f"available_node_types.{name}.node_config.IamInstanceProfile is the head's instance "
+            f"profile {profile!r} ({whose}): the head's role cannot pass it to a worker without "
+            "iam:PassRole on itself (RunInstances fails, ray-project/ray#3190), and with that "
+            "every trial would hold the head's permissions (EC2 full access for Ray's default "
+            "role); give the worker node types "
+            "their own least-privilege profile, e.g. Arn: "
+            "arn:aws:iam::YOUR-AWS-ACCOUNT-ID:instance-profile/s2study-worker, created from "
+            "clusters/aws/*.json as in docs/cluster.md, section 3"
+        )
+    return problems
+
+
+def _profile_name(profile: Any) -> str | None:
+    """The instance profile's name, from ``Name`` or the last part of ``Arn`` (paths allowed)."""
+    if not isinstance(profile, dict):
+        return None
+    name = profile.get("Name")
+    if isinstance(name, str) and name:
+        return name
+    arn = profile.get("Arn")
+    if isinstance(arn, str) and arn:
+        return arn.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+    return None
 
 
 # --------------------------------------------------------------------------- KubeRay helpers
@@ -515,7 +758,9 @@ def _check_replicas(group: dict[str, Any], where: str) -> list[str]:
     return problems
 
 
-def _check_group(group: dict[str, Any], where: str, ray_version: str | None) -> list[str]:
+def _check_group(
+    group: dict[str, Any], where: str, ray_version: str | None, dockerfile: Path | None = None
+) -> list[str]:
     problems = []
     params = group.get("rayStartParams", {})
     if not isinstance(params, dict):
@@ -541,7 +786,7 @@ def _check_group(group: dict[str, Any], where: str, ray_version: str | None) -> 
         if not isinstance(image, str) or not image:
             problems.append(f"{cwhere}.image is missing")
         else:
-            problems += _image_problems(f"{cwhere}.image", image, ray_version)
+            problems += _node_image_problems(f"{cwhere}.image", image, ray_version, dockerfile)
         problems += _check_container_resources(container.get("resources"), f"{cwhere}.resources")
     return problems
 
@@ -611,6 +856,36 @@ def _whole_number(value: Any) -> int | None:
 
 
 # --------------------------------------------------------------------------- shared helpers
+
+
+def dockerfile_base_image(path: str | os.PathLike[str]) -> str | None:
+    """The image the last stage of a Dockerfile is built ``FROM`` (None: no ``FROM`` line)."""
+    found = _FROM.findall(Path(path).read_text(encoding="utf-8"))
+    return found[-1] if found else None
+
+
+def _is_s2study_image(image: Any) -> bool:
+    """``REGISTRY/.../s2study:TAG`` (or without a tag): the image of ``docker/Dockerfile``."""
+    if not isinstance(image, str):
+        return False
+    repository = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    return repository.split(":", 1)[0] == IMAGE_NAME
+
+
+def _node_image_problems(
+    where: str, image: Any, ray_version: str | None, dockerfile: Path | None
+) -> list[str]:
+    """:func:`_image_problems`, looking through an ``s2study`` image to its Dockerfile's base."""
+    if dockerfile is None or not _is_s2study_image(image):
+        return _image_problems(where, image, ray_version)
+    shown = f"{dockerfile.parent.name}/{dockerfile.name}"
+    try:
+        base = dockerfile_base_image(dockerfile)
+    except OSError as exc:
+        return [f"{where}: cannot read {shown}, which {image} is built from: {exc.strerror or exc}"]
+    if base is None:
+        return [f"{where}: {shown}, which {image} is built from, has no FROM line"]
+    return _image_problems(f"{where} ({image}, built from {shown})", base, ray_version)
 
 
 def _image_problems(where: str, image: Any, ray_version: str | None) -> list[str]:
