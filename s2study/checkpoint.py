@@ -63,6 +63,23 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return Path(path)
 
 
+def _defaultdict_as_dict(default_factory: Any = None) -> dict:
+    """Stand-in for ``collections.defaultdict(list)`` while unpickling with ``weights_only``.
+
+    The official ``faster2d2_WASF_N16.pt`` keeps its training losses in ``defaultdict(list)``
+    objects, which PyTorch's weights-only unpickler cannot rebuild (even allowlisted it fills
+    only plain dicts). Read as a plain dict they are data like any other; no factory is called.
+    """
+    if default_factory is not None and default_factory is not list:
+        raise pickle.UnpicklingError(f"a defaultdict with factory {default_factory!r} is not plain data")
+    return {}
+
+
+#: allowed only inside :func:`safe_torch_load`: ``list`` as the factory argument (calling it on
+#: unpickled data runs no code of the file's choosing) and the defaultdict stand-in
+_PLAIN_DATA_STAND_INS = [list, (_defaultdict_as_dict, "collections.defaultdict")]
+
+
 def safe_torch_load(path: str | Path, what: str = "checkpoint", map_location="cpu") -> Any:
     """``torch.load(path, weights_only=True)``: tensors and plain types only, no code run.
 
@@ -73,7 +90,8 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint", map_location="cp
     if not path.is_file():
         raise CheckpointError(f"{path}: no such {what} file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_PLAIN_DATA_STAND_INS):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt or foreign files
         reason = load_failure_reason(exc, _starts_as_zip(path))
         raise CheckpointError(f"{path}: not a readable {what}: {reason}") from None

@@ -115,11 +115,12 @@ def method_defaults(cfg: TrainConfig) -> tuple[int, float, float]:
 
 def build_model(cfg: TrainConfig, device: torch.device):
     """The method of ``cfg`` with its initial weights, on ``device``."""
-    from s2study.methods import build_method
+    from s2study.methods import build_method, load_methods
     from s2study.resolver import resolve_weights
 
-    method = build_method(cfg.method.name, **cfg.method.params)
     weights = cfg.method.weights and str(resolve_weights(cfg.method.weights))
+    implied = load_methods().get(cfg.method.name).pretrained_params(weights) if weights else {}
+    method = build_method(cfg.method.name, **{**implied, **cfg.method.params})
     if weights:
         method.load_pretrained(weights)
         log.info("%s: initialised from %s", cfg.method.name, weights)

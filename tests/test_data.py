@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import s2study
 from s2study.config.schema import DataConfig, SLAugmentConfig, SSLAugmentConfig
 from s2study.data.batch import make_s2_batch
 from s2study.data.datasets import RGBNIR, FolderPairs, RoadScene, open_dataset, read_image

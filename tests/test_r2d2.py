@@ -1,7 +1,7 @@
 """R2D2: official checkpoint loading, network outputs, loss terms and extraction.
 
-Real data: RoadScene pairs from ``../shared/data`` and the official checkpoint from
-``../shared/weights`` (tests needing it are skipped, with the path tried, when it is absent).
+Real data: RoadScene pairs from ``../shared/data`` and the official checkpoints from
+``../shared/weights`` (tests needing one are skipped, with the path tried, when it is absent).
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import s2study
 from s2study.errors import CheckpointError, ConfigError
 from s2study.geometry import flow_from_homography, identity_flow
 from s2study.methods import METHODS
@@ -34,14 +36,37 @@ from s2study.methods.r2d2 import (
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ID, VAL_ID = "FLIR_00006", "FLIR_00548"
 
+#: the official checkpoints and the architecture each one's ``net`` string describes
+OFFICIAL_FILES = {
+    "r2d2_WASF_N16.pt": {"dim": 128, "mchan": 4, "relu22": False, "downsample_factor": 1},
+    "r2d2_WAF_N16.pt": {"dim": 128, "mchan": 4, "relu22": False, "downsample_factor": 1},
+    "r2d2_WASF_N8_big.pt": {"dim": 128, "mchan": 6, "relu22": False, "downsample_factor": 1},
+    "faster2d2_WASF_N16.pt": {"dim": 128, "mchan": 4, "relu22": False, "downsample_factor": 2},
+}
 
-@pytest.fixture(scope="module")
-def official_path() -> Path:
+
+def official_file(name: str) -> Path:
+    """An official checkpoint in ``$S2STUDY_WEIGHTS`` or ``../shared/weights``, else skip."""
     root = Path(os.environ.get("S2STUDY_WEIGHTS") or REPO.parent / "shared" / "weights")
-    path = root / "r2d2_WASF_N16.pt"
+    path = root / name
     if not path.is_file():
         pytest.skip(f"official R2D2 checkpoint absent: {path} (set S2STUDY_WEIGHTS)")
     return path
+
+
+@pytest.fixture(scope="module")
+def official_path() -> Path:
+    return official_file("r2d2_WASF_N16.pt")
+
+
+@pytest.fixture(scope="module")
+def fast_path() -> Path:
+    return official_file("faster2d2_WASF_N16.pt")
+
+
+@pytest.fixture(scope="module")
+def fast_net(fast_path) -> R2D2:
+    return R2D2.from_official_checkpoint(fast_path).eval()
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +137,18 @@ def test_registered_with_the_paper_crop():
 
 @pytest.mark.parametrize(
     "bad",
-    [{"pos_d": 5}, {"ap_nq": 1}, {"patch_size": 15}, {"subq": 0}, {"ap_base": 1.0}, {"ngh2": 7}],
+    [
+        {"pos_d": 5},
+        {"ap_nq": 1},
+        {"patch_size": 15},
+        {"subq": 0},
+        {"ap_base": 1.0},
+        {"ngh2": 7},
+        {"downsample_factor": 0},
+        {"downsample_factor": 3},
+        {"downsample_factor": 2.0},
+        {"downsample_factor": True},
+    ],
 )
 def test_invalid_params_are_config_errors(bad):
     key = next(iter(bad))
@@ -134,10 +170,48 @@ def test_official_checkpoint_loads_strictly(official_path):
         assert torch.equal(state[key.removeprefix("module.")], value), key
 
 
+@pytest.mark.parametrize("name, arch", OFFICIAL_FILES.items())
+def test_every_official_file_loads_strictly_and_extracts(roadscene, name, arch):
+    """Every official checkpoint: every key and shape, through both entry points, and
+    K keypoints inside a real thermal image (329 x 500: an odd height for the Fast net)."""
+    path = official_file(name)
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # faster2d2: defaultdicts
+    assert is_official_checkpoint(raw)
+    net = R2D2.from_official_checkpoint(path).eval()
+    assert {k: net.params[k] for k in arch} == arch
+    state = net.state_dict()
+    assert set(state) == {k.removeprefix("module.") for k in raw["state_dict"]}
+    for key, value in raw["state_dict"].items():
+        assert torch.equal(state[key.removeprefix("module.")], value), key
+
+    image = read_rgb(roadscene, "cropinfrared", TRAIN_ID)
+    height, width = image.shape[:2]
+    k = 1024
+    feats = s2study.load_extractor(path)(image, max_keypoints=k)
+    assert feats.keypoints.shape == (k, 2) and feats.descriptors.shape == (k, arch["dim"])
+    x, y = feats.keypoints[:, 0], feats.keypoints[:, 1]
+    assert (x >= 0).all() and (x <= width - 1).all() and (y >= 0).all() and (y <= height - 1).all()
+    assert np.allclose(np.linalg.norm(feats.descriptors, axis=1), 1.0, atol=1e-5)
+    assert np.isfinite(feats.scores).all() and (np.diff(feats.scores) <= 0).all()
+    # the same network as from_official_checkpoint builds
+    kp = net.extract(to_tensor(image), k)
+    assert np.array_equal(feats.keypoints, kp.xy.numpy())
+    assert np.allclose(feats.descriptors, kp.descriptors.numpy(), atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "net_string",
     [
-        "Fast_Quad_L2Net_ConfCFS()",
+        "Faster_Quad_L2Net_ConfCFS()",
+        "Fast_Quad_L2Net_ConfCFS(evil=1)",
+        "Fast_Quad_L2Net_ConfCFS(bn_affine=True)",
+        "Fast_Quad_L2Net_ConfCFS(dilated=False)",
+        "Fast_Quad_L2Net_ConfCFS(downsample_factor=1)",
+        "Fast_Quad_L2Net_ConfCFS(downsample_factor=3)",
+        "Fast_Quad_L2Net_ConfCFS(downsample_factor=2.0)",
+        "Fast_Quad_L2Net_ConfCFS(downsample_factor=__import__('os'))",
+        "Quad_L2Net_ConfCFS(downsample_factor=2)",
+        "Quad_L2Net_ConfCFS(downsample_factor=1)",
         "__import__('os').system('echo pwned')",
         "Quad_L2Net_ConfCFS(dim=__import__('os'))",
         "Quad_L2Net_ConfCFS(bn_affine=True)",
@@ -156,10 +230,24 @@ def test_whitelisted_architecture_strings_parse():
         "dim": 128,
         "mchan": 4,
         "relu22": False,
+        "downsample_factor": 1,
     }
     parsed = official_checkpoint_params(" Quad_L2Net_ConfCFS( dim = 64, relu22=True ) ")
-    assert parsed == {"dim": 64, "mchan": 4, "relu22": True}
+    assert parsed == {"dim": 64, "mchan": 4, "relu22": True, "downsample_factor": 1}
     assert R2D2(**parsed).clf.in_channels == 64
+    assert official_checkpoint_params("Fast_Quad_L2Net_ConfCFS()") == {
+        "dim": 128,
+        "mchan": 4,
+        "relu22": False,
+        "downsample_factor": 2,
+    }
+    parsed = official_checkpoint_params(
+        "Fast_Quad_L2Net_ConfCFS(dim=64, mchan=2, relu22=True, downsample_factor=4)"
+    )
+    assert parsed == {"dim": 64, "mchan": 2, "relu22": True, "downsample_factor": 4}
+    net = R2D2(**parsed).eval()
+    assert isinstance(net.ops[9], torch.nn.MaxPool2d) and net.ops[9].kernel_size == 4
+    assert net(torch.rand(1, 3, 30, 26)).descriptors.shape == (1, 64, 30, 26)
 
 
 def _official_file(path: Path, net: str, state: dict) -> Path:
@@ -190,8 +278,22 @@ def test_bad_official_files_raise_checkpoint_errors_naming_the_file(tmp_path):
         R2D2().load_pretrained(bad)
 
     bad = _official_file(tmp_path / "arch.pt", "Fast_Quad_L2Net_ConfCFS()", state)
-    with pytest.raises(CheckpointError, match=r"arch\.pt.*not supported"):
+    with pytest.raises(CheckpointError, match=r"arch\.pt.*downsample_factor.*differs"):
         R2D2().load_pretrained(bad)
+    with pytest.raises(  # Quad weights under the Fast name: the pool shifts every index
+        CheckpointError,
+        match=r"arch\.pt.*missing keys: ops\.10\.weight.*unexpected keys: ops\.9\.weight",
+    ):
+        R2D2.from_official_checkpoint(bad)
+    fast = _official_file(
+        tmp_path / "fast.pt", "Fast_Quad_L2Net_ConfCFS()", R2D2(downsample_factor=2).state_dict()
+    )
+    with pytest.raises(CheckpointError, match=r"fast\.pt.*differs"):
+        R2D2().load_pretrained(fast)
+    R2D2(downsample_factor=2).load_pretrained(fast)
+    bad = _official_file(tmp_path / "evil.pt", "Fast_Quad_L2Net_ConfCFS(evil=1)", state)
+    with pytest.raises(CheckpointError, match=r"evil\.pt.*not supported"):
+        R2D2.from_official_checkpoint(bad)
 
     bad = _official_file(
         tmp_path / "dim.pt", "Quad_L2Net_ConfCFS(dim=64)", R2D2(dim=64).state_dict()
@@ -237,20 +339,89 @@ def test_forward_shapes_and_normalisation():
 def test_eval_mode_folds_batch_norm_without_changing_outputs(official_net):
     x = torch.rand(1, 3, 48, 40)
     folded = official_net(x)
-    official_net._stages, stages = (
-        [(c, None, r) for c, _, r in official_net._stages],
-        official_net._stages,
-    )
-    try:
-        # the reference: run the ops list as the official net does (conv, BN, ReLU modules)
-        feats = (x - official_net._mean) / official_net._std
-        for op in official_net.ops:
-            feats = op(feats)
-    finally:
-        official_net._stages = stages
+    # the reference: run the ops list as the official net does (conv, BN, ReLU modules)
+    feats = (x - official_net._mean) / official_net._std
+    for op in official_net.ops:
+        feats = op(feats)
     assert torch.allclose(
         folded.descriptors, torch.nn.functional.normalize(feats, dim=1), atol=1e-4
     )
+
+
+#: the official Fast_Quad_L2Net op order: ("conv", ops index, dilation, BN, ReLU), "pool",
+#: "up" (dilations of the official dilated mode: the pool replaces the third stride)
+FAST_OPS = [
+    ("conv", 0, 1, True, True),
+    ("conv", 3, 1, True, True),
+    ("conv", 6, 1, True, True),
+    "pool",
+    ("conv", 10, 1, True, True),
+    ("conv", 13, 1, True, True),
+    ("conv", 16, 2, True, True),
+    ("conv", 19, 2, True, False),
+    ("conv", 21, 4, True, False),
+    ("conv", 23, 8, False, False),
+    "up",
+]
+
+
+def reference_fast_forward(state: dict, images: torch.Tensor, full_size: bool = False):
+    """``Fast_Quad_L2Net_ConfCFS`` in eval mode, op by op on the raw state dict.
+
+    ``full_size``: upsample to the input size (s2study's departure for odd sizes) instead
+    of the official ``Upsample(scale_factor=2)``.
+    """
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (images - mean) / std
+    for op in FAST_OPS:
+        if op == "pool":
+            x = torch.nn.MaxPool2d(kernel_size=2)(x)
+        elif op == "up":
+            x = F.interpolate(
+                x,
+                **({"size": images.shape[-2:]} if full_size else {"scale_factor": 2}),
+                mode="bilinear",
+                align_corners=False,
+            )
+        else:
+            _, at, dilation, bn, relu = op
+            weight, bias = state[f"ops.{at}.weight"], state[f"ops.{at}.bias"]
+            pad = (weight.shape[-1] - 1) * dilation // 2
+            x = F.conv2d(x, weight, bias, padding=pad, dilation=dilation)
+            if bn:
+                mean_, var = state[f"ops.{at + 1}.running_mean"], state[f"ops.{at + 1}.running_var"]
+                x = F.batch_norm(x, mean_, var, training=False, eps=1e-5)
+            if relu:
+                x = F.relu(x)
+    reliability = F.softmax(F.conv2d(x**2, state["clf.weight"], state["clf.bias"]), dim=1)
+    u = F.softplus(F.conv2d(x**2, state["sal.weight"], state["sal.bias"]))
+    return F.normalize(x, dim=1), u / (1 + u), reliability[:, 1:2]
+
+
+@pytest.mark.parametrize("size, full_size", [((64, 96), False), ((65, 97), True)])
+def test_fast_network_matches_the_official_op_order(fast_path, fast_net, size, full_size):
+    """Known answer: the loaded faster2d2 network against the official forward written out;
+    at an odd size the maps are full size (the official ones would be 64 x 96)."""
+    state = {
+        k.removeprefix("module."): v
+        for k, v in torch.load(fast_path, map_location="cpu", weights_only=True)[
+            "state_dict"
+        ].items()
+    }
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, *size, generator=gen)
+    with torch.no_grad():
+        out = fast_net(x)
+        desc, rep, rel = reference_fast_forward(state, x, full_size)
+    assert out.descriptors.shape == (1, 128, *size) and out.scores.shape == (1, 1, *size)
+    assert torch.allclose(out.descriptors, desc, atol=1e-5)
+    assert torch.allclose(out.extras["repeatability"], rep, atol=1e-5)
+    assert torch.allclose(out.extras["reliability"], rel, atol=1e-5)
+    if not full_size:  # the module list itself is the official one too
+        with torch.no_grad():
+            feats = _module_trunk(fast_net, (x - fast_net._mean) / fast_net._std)
+        assert torch.allclose(out.descriptors, F.normalize(feats, dim=1), atol=1e-5)
 
 
 def _module_trunk(net, x):
@@ -399,6 +570,37 @@ def test_loss_on_real_pair_gives_finite_nonzero_gradients_everywhere(roadscene):
         assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
 
 
+def test_fast_net_training_step_gives_the_same_gradients_with_low_memory(roadscene):
+    """A training step of the Fast net on a real pair of odd size (97 px): finite non-zero
+    gradients for every parameter, and the same ones from the memory-lean trunk (float64)."""
+    h = rotation_homography(97, degrees=10.0, scale=1.05)
+    img_a, img_b, flow, valid = homography_pair(roadscene, TRAIN_ID, 220, 120, 97, h)
+    images = torch.cat([img_a, img_b]).double()
+    torch.manual_seed(0)
+    ref = R2D2(downsample_factor=2).double().train()
+    lean = R2D2(downsample_factor=2, low_memory=True).double().train()
+    lean.load_state_dict(ref.state_dict())
+    grads, totals = [], []
+    for net in (ref, lean):
+        torch.manual_seed(1)  # the same AP samples
+        out = net(images)
+        assert out.descriptors.shape == (2, 128, 97, 97)
+        parts = net.loss(out.select(slice(0, 1)), out.select(slice(1, 2)), flow, valid)
+        assert all(v.dim() == 0 and torch.isfinite(v) for v in parts.values())
+        parts["total"].backward()
+        totals.append(parts["total"].detach())
+        grads.append({k: p.grad for k, p in net.named_parameters()})
+    assert torch.equal(totals[0], totals[1])
+    for name, g in grads[0].items():
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
+        if name.endswith("weight") or name.startswith(("clf", "sal", "ops.23")):
+            assert torch.allclose(grads[1][name], g, rtol=1e-7, atol=1e-12), name
+        else:  # a bias ahead of batch norm has a zero gradient: both are rounding noise
+            assert (grads[1][name] - g).abs().max() < 1e-9, name
+    for (name, a), b in zip(lean.named_buffers(), ref.buffers()):
+        assert torch.equal(a, b), name
+
+
 def test_loss_without_correspondences_is_finite_and_zero(roadscene):
     h = rotation_homography(64, degrees=0.0, scale=1.0, shift=(500.0, 0.0))
     img_a, img_b, flow, valid = homography_pair(roadscene, TRAIN_ID, 220, 120, 64, h)
@@ -545,3 +747,16 @@ def test_nan_similarities_give_a_nan_ap_not_an_index_error():
     assert torch.isnan(hist[0]).any() and torch.isfinite(hist[1]).all()
     ap = quantized_ap(torch.tensor([[0.8], [float("nan")]]), hist)
     assert torch.isnan(ap).any()
+
+
+def test_a_weights_name_alone_builds_the_architecture_of_its_file():
+    from s2study.config.load import load_train_config
+    from s2study.train import build_model
+
+    for name, params in (("r2d2_WASF_N8_big", {"mchan": 6, "downsample_factor": 1}),
+                         ("faster2d2_WASF_N16", {"mchan": 4, "downsample_factor": 2})):
+        net = build_model(load_train_config("r2d2-roadscene", [f"method.weights={name}"]), torch.device("cpu"))
+        assert {k: net.params[k] for k in params} == params
+    clash = load_train_config("r2d2-roadscene", ["method.weights=r2d2_WASF_N8_big", "method.params.mchan=4"])
+    with pytest.raises(CheckpointError, match="differs from this network's"):
+        build_model(clash, torch.device("cpu"))  # a value the config sets wins, and must fit

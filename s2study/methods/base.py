@@ -126,3 +126,9 @@ class Method(nn.Module):
     def load_pretrained(self, path: str) -> None:
         """Initialise from a third-party weight file (official checkpoint, VGG16...)."""
         raise NotImplementedError(f"{self.name} has no pretrained-weight loader")
+
+    @classmethod
+    def pretrained_params(cls, path: str) -> dict[str, Any]:
+        """The architecture parameters a weight file implies (for the ones a config leaves
+        unset, so ``method.weights: r2d2_WASF_N8_big`` alone builds the net that file needs)."""
+        return {}

@@ -7,6 +7,9 @@
   features: ``clf`` (2 channels, softmax) gives the *reliability*, ``sal`` (1 channel,
   ``u / (1 + u)`` with ``u = softplus``) the *repeatability*. The module layout is the
   official one, so the official state dict loads strictly once ``module.`` is stripped.
+  The official ``Fast_Quad_L2Net_ConfCFS`` (``faster2d2``, ``downsample_factor`` 2) is the
+  same net with a 2x2 max-pool after the third convolution (whose stride, and so dilation
+  doubling, it replaces) and a bilinear upsampling back to full resolution before the heads.
 - **Loss** (the official ``MultiLoss``): reliability-weighted AP loss on descriptors sampled
   as the official ``NghSampler2`` does (random queries, positives within ``pos_d`` px of the
   ground truth with max-pooling, negatives on the ring ``neg_d``..``ngh`` plus random
@@ -29,7 +32,9 @@ Deliberate departures from the official code, all at the edges of its behaviour:
   correspondence contribute nothing to any part of the loss;
 - the flow is sampled with ``align_corners=True`` to match its normalisation, and pyramid
   keypoints are mapped back with pixel-centre alignment ``(x + 0.5) * W / w - 0.5``
-  (the official code mixes conventions, off by half a pixel).
+  (the official code mixes conventions, off by half a pixel);
+- the Fast net upsamples to exactly the input size (the official ``Upsample(scale_factor=2)``
+  gives maps one pixel short where the height or width is odd; the same values otherwise).
 """
 
 from __future__ import annotations
@@ -49,10 +54,19 @@ from s2study.methods.base import METHODS, DenseFeatures, Keypoints, Method
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: official architecture names -> (our defaults for its keyword arguments); only these names
-#: and keywords are accepted from a checkpoint's ``net`` string
+#: official architecture names -> the :class:`R2D2` architecture parameters they stand for
+#: (with the official defaults); only these names are accepted from a checkpoint's ``net``
+#: string, and only the keywords of :data:`OFFICIAL_KEYWORDS`
 OFFICIAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "Quad_L2Net_ConfCFS": {"dim": 128, "mchan": 4, "relu22": False},
+    "Quad_L2Net_ConfCFS": {"dim": 128, "mchan": 4, "relu22": False, "downsample_factor": 1},
+    "Fast_Quad_L2Net_ConfCFS": {"dim": 128, "mchan": 4, "relu22": False, "downsample_factor": 2},
+}
+
+#: the keyword arguments each official constructor takes (``Quad_L2Net`` has no
+#: ``downsample_factor``: it is the full-resolution net, ``downsample_factor`` 1 here)
+OFFICIAL_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "Quad_L2Net_ConfCFS": ("dim", "mchan", "relu22"),
+    "Fast_Quad_L2Net_ConfCFS": ("dim", "mchan", "relu22", "downsample_factor"),
 }
 
 _CALL_RE = re.compile(r"\s*([A-Za-z_]\w*)\s*\((.*)\)\s*", re.DOTALL)
@@ -82,15 +96,20 @@ def official_checkpoint_params(net_string: str, source: str = "checkpoint") -> d
     """Parse an official checkpoint's ``net`` string against the architecture whitelist.
 
     Args:
-        net_string: e.g. ``"Quad_L2Net_ConfCFS()"`` or ``"Quad_L2Net_ConfCFS(dim=128)"``;
-            only keyword arguments with literal values are accepted.
+        net_string: e.g. ``"Quad_L2Net_ConfCFS()"``, ``"Quad_L2Net_ConfCFS(dim=128)"`` or
+            ``"Fast_Quad_L2Net_ConfCFS()"``; only the constructor's keyword arguments
+            (:data:`OFFICIAL_KEYWORDS`) with literal values are accepted.
         source: what to name in error messages (the file).
 
     Returns:
-        The architecture parameters of :class:`R2D2` (``dim``, ``mchan``, ``relu22``).
+        The architecture parameters of :class:`R2D2` (``dim``, ``mchan``, ``relu22``,
+        ``downsample_factor``).
 
     Raises:
-        CheckpointError: not a call of a whitelisted architecture with known literal keywords.
+        CheckpointError: not a call of a whitelisted architecture with known literal keywords,
+            or a ``Fast_Quad_L2Net_ConfCFS`` whose ``downsample_factor`` is not a power of two
+            >= 2 (with 1 the official Fast net is neither it nor ``Quad_L2Net``: no pooling,
+            no dilation doubling at the third convolution).
     """
     if not isinstance(net_string, str):
         raise CheckpointError(
@@ -103,13 +122,13 @@ def official_checkpoint_params(net_string: str, source: str = "checkpoint") -> d
             f"{source}: architecture {net_string[:80]!r} is not supported; known: {known}"
         )
     name, body = call.group(1), call.group(2)
-    params = dict(OFFICIAL_ARCHITECTURES[name])
+    params, keywords = dict(OFFICIAL_ARCHITECTURES[name]), OFFICIAL_KEYWORDS[name]
     for item in filter(str.strip, body.split(",")):
         arg = _ARG_RE.fullmatch(item)
-        if arg is None or arg.group(1) not in params:
+        if arg is None or arg.group(1) not in keywords:
             raise CheckpointError(
                 f"{source}: argument {item.strip()!r} of {name} is not supported; "
-                f"allowed keywords: {', '.join(params)}"
+                f"allowed keywords: {', '.join(keywords)}"
             )
         value = _literal(arg.group(2), source)
         if type(value) is not type(params[arg.group(1)]):
@@ -118,6 +137,12 @@ def official_checkpoint_params(net_string: str, source: str = "checkpoint") -> d
                 f"{type(params[arg.group(1)]).__name__}"
             )
         params[arg.group(1)] = value
+    factor = params["downsample_factor"]
+    if name.startswith("Fast_") and (factor < 2 or factor & (factor - 1)):
+        raise CheckpointError(
+            f"{source}: {name} argument downsample_factor={factor} is not supported; "
+            "expected a power of two >= 2"
+        )
     return params
 
 
@@ -161,29 +186,40 @@ def read_official_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str
 # ----------------------------------------------------------------------------- network
 
 
-def _trunk_spec(dim: int, mchan: int, relu22: bool) -> list[tuple[int, int, int, bool, bool]]:
-    """(out channels, kernel, L2-Net stride, batch norm, relu) of the nine convolutions."""
+def _trunk_spec(
+    dim: int, mchan: int, relu22: bool, downsample_factor: int = 1
+) -> list[tuple[int, int, int, bool, bool, int]]:
+    """(out channels, kernel, L2-Net stride, batch norm, relu, max-pool kernel) of the nine
+    convolutions; ``downsample_factor`` > 1 is the official ``Fast_Quad_L2Net``, whose third
+    convolution keeps stride 1 and is followed by a max-pool of that kernel instead."""
+    fast = downsample_factor > 1
     return [
-        (8 * mchan, 3, 1, True, True),
-        (8 * mchan, 3, 1, True, True),
-        (16 * mchan, 3, 2, True, True),
-        (16 * mchan, 3, 1, True, True),
-        (32 * mchan, 3, 2, True, True),
-        (32 * mchan, 3, 1, True, True),
-        (32 * mchan, 2, 2, True, relu22),
-        (32 * mchan, 2, 2, True, relu22),
-        (dim, 2, 2, False, False),
+        (8 * mchan, 3, 1, True, True, 1),
+        (8 * mchan, 3, 1, True, True, 1),
+        (16 * mchan, 3, 1 if fast else 2, True, True, downsample_factor),
+        (16 * mchan, 3, 1, True, True, 1),
+        (32 * mchan, 3, 2, True, True, 1),
+        (32 * mchan, 3, 1, True, True, 1),
+        (32 * mchan, 2, 2, True, relu22, 1),
+        (32 * mchan, 2, 2, True, relu22, 1),
+        (dim, 2, 2, False, False, 1),
     ]
 
 
-def _build_trunk(dim: int, mchan: int, relu22: bool) -> tuple[nn.ModuleList, list[tuple]]:
-    """The official ``ops`` list and its stages ``(conv index, bn index | None, relu)``.
+def _build_trunk(
+    dim: int, mchan: int, relu22: bool, downsample_factor: int = 1
+) -> tuple[nn.ModuleList, list[tuple[int, int | None, bool, int]]]:
+    """The official ``ops`` list and its stages ``(conv index, bn index | None, relu, pool)``.
 
     The official net keeps full resolution: an L2-Net stride becomes a doubling of the
     dilation of the *following* convolutions, with "same" padding ``(k - 1) * d // 2``.
+    With ``downsample_factor`` > 1 (``Fast_Quad_L2Net``) the third stage ends with a
+    ``MaxPool2d(downsample_factor)`` and the list with an ``Upsample`` by that factor back to
+    the input resolution; these modules hold no weights but take their official places, so
+    the indices of the later weights are the official ones.
     """
     ops, stages, dilation, chan = nn.ModuleList(), [], 1, 3
-    for out, k, stride, bn, relu in _trunk_spec(dim, mchan, relu22):
+    for out, k, stride, bn, relu, pool in _trunk_spec(dim, mchan, relu22, downsample_factor):
         conv_at = len(ops)
         ops.append(nn.Conv2d(chan, out, k, padding=(k - 1) * dilation // 2, dilation=dilation))
         bn_at = None
@@ -192,10 +228,27 @@ def _build_trunk(dim: int, mchan: int, relu22: bool) -> tuple[nn.ModuleList, lis
             ops.append(nn.BatchNorm2d(out, affine=False))
         if relu:
             ops.append(nn.ReLU(inplace=True))
-        stages.append((conv_at, bn_at, relu))
+        if pool > 1:
+            ops.append(nn.MaxPool2d(kernel_size=pool))
+        stages.append((conv_at, bn_at, relu, pool))
         dilation *= stride
         chan = out
+    if downsample_factor > 1:
+        ops.append(
+            nn.Upsample(scale_factor=downsample_factor, mode="bilinear", align_corners=False)
+        )
     return ops, stages
+
+
+def _to_input_size(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """The Fast net's final bilinear upsampling, to exactly the input size ``(H, W)``.
+
+    The same as the official ``Upsample(scale_factor=downsample_factor)`` where the factor
+    divides H and W; for other sizes the official map comes out short of the input.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
@@ -587,11 +640,16 @@ def pyramid_sizes(
 
 @METHODS.register("r2d2")
 class R2D2(Method):
-    """R2D2 with the official ``Quad_L2Net_ConfCFS`` network.
+    """R2D2 with the official ``Quad_L2Net_ConfCFS`` (or ``Fast_Quad_L2Net_ConfCFS``) network.
 
     Params (``default_params``):
         dim, mchan, relu22: architecture (descriptor size, channel multiplier, ReLU after the
-            2x2 convolutions); the official checkpoint uses 128, 4, False.
+            2x2 convolutions); the official checkpoints use 128, 4 (6 for ``N8_big``), False.
+        downsample_factor: 1 (default) for ``Quad_L2Net``, the full-resolution trunk; a power
+            of two >= 2 for ``Fast_Quad_L2Net`` (the official ``faster2d2`` uses 2): the
+            trunk after the third convolution runs at 1 / factor of the resolution (max-pool)
+            and is upsampled bilinearly back to the input size, so the output maps stay at
+            stride 1 (extraction on a 640x480 image about 2.5-3x faster on a 2-core CPU).
         patch_size: N of the cosim and peaky losses.
         ap_nq, ap_base: AP quantisation bins and the reliability loss's base AP.
         ngh, subq, subd, pos_d, neg_d, border, subd_neg, maxpool_pos: the AP sampler
@@ -614,6 +672,7 @@ class R2D2(Method):
         "dim": 128,
         "mchan": 4,
         "relu22": False,
+        "downsample_factor": 1,
         "patch_size": 16,
         "ap_nq": 20,
         "ap_base": 0.5,
@@ -642,7 +701,9 @@ class R2D2(Method):
         super().__init__(**params)
         self._validate_params()
         p = self.params
-        self.ops, self._stages = _build_trunk(p["dim"], p["mchan"], p["relu22"])
+        self.ops, self._stages = _build_trunk(
+            p["dim"], p["mchan"], p["relu22"], p["downsample_factor"]
+        )
         self.clf = nn.Conv2d(p["dim"], 2, kernel_size=1)
         self.sal = nn.Conv2d(p["dim"], 1, kernel_size=1)
         pos, neg = neighbourhood_offsets(p["ngh"], p["subd"], p["pos_d"], p["neg_d"])
@@ -672,6 +733,12 @@ class R2D2(Method):
 
         for key in ("dim", "mchan", "ngh", "subd", "min_size", "max_size"):
             need(is_int(key) and p[key] > 0, key, "a positive integer")
+        factor = p["downsample_factor"]
+        need(
+            is_int("downsample_factor") and factor >= 1 and factor & (factor - 1) == 0,
+            "downsample_factor",
+            "1 (Quad_L2Net) or a power of two >= 2 (Fast_Quad_L2Net)",
+        )
         for key in ("border", "pos_d"):
             need(is_int(key) and p[key] >= 0, key, "a non-negative integer")
         need(
@@ -714,10 +781,12 @@ class R2D2(Method):
     # -- network ----------------------------------------------------------------------------
 
     def _trunk(self, x: Tensor) -> Tensor:
-        """Raw (unnormalised) 128-d features; eval mode folds batch norm into the convs."""
+        """Raw (unnormalised) 128-d features at the input's size; eval mode folds batch norm
+        into the convs."""
         if self.params["low_memory"] and self.training and torch.is_grad_enabled():
             return self._trunk_lean(x)
-        for conv_at, bn_at, relu in self._stages:
+        size = x.shape[-2:]
+        for conv_at, bn_at, relu, pool in self._stages:
             conv = self.ops[conv_at]
             if bn_at is None:
                 x = conv(x)
@@ -728,12 +797,20 @@ class R2D2(Method):
                 x = F.conv2d(x, weight, bias, 1, conv.padding, conv.dilation)
             if relu:
                 x = F.relu(x, inplace=True)
-        return x
+            if pool > 1:
+                x = F.max_pool2d(x, pool)
+        return _to_input_size(x, size)
 
     def _trunk_lean(self, x: Tensor) -> Tensor:
-        """The training trunk, keeping one activation per stage for backward (same values)."""
+        """The training trunk, keeping one activation per stage for backward (same values).
+
+        A max-pool runs before the pending ReLU (they commute), so that ReLU still fuses into
+        the next convolution; the pool's indices and the pooled map kept by that convolution
+        come on top, each ``1 / downsample_factor**2`` the size of the stage's activation.
+        """
+        size = x.shape[-2:]
         relu_pending = False  # the previous stage's ReLU, fused into this convolution
-        for conv_at, bn_at, relu in self._stages:
+        for conv_at, bn_at, relu, pool in self._stages:
             conv = self.ops[conv_at]
             if relu_pending:
                 x = _ReluConv.apply(x, conv.weight, conv.bias, conv.padding, conv.dilation)
@@ -744,9 +821,11 @@ class R2D2(Method):
             elif relu:
                 x = F.relu(x)
             relu_pending = relu and bn_at is not None
+            if pool > 1:
+                x = F.max_pool2d(x, pool)
         if relu_pending:
             x = F.relu(x)
-        return x
+        return _to_input_size(x, size)
 
     def forward(self, images: Tensor) -> DenseFeatures:
         """Dense R2D2 features.
@@ -823,6 +902,11 @@ class R2D2(Method):
                 f"{path}: checkpoint architecture {differ} differs from this network's {mine}"
             )
         self.load_state_checked(state, str(path))
+
+    @classmethod
+    def pretrained_params(cls, path: str) -> dict[str, Any]:
+        """The architecture of an official checkpoint (``mchan``, ``downsample_factor``...)."""
+        return read_official_checkpoint(path)[0]
 
     @classmethod
     def from_official_checkpoint(cls, path: str | Path, **params: Any) -> R2D2:
