@@ -1,4 +1,5 @@
-"""A mirror of the project's public sources on 127.0.0.1, for the resolver tests.
+"""A mirror of the project's public sources on 127.0.0.1, and a user's machine without
+``../shared``, for the resolver tests.
 
 :func:`build_mirror` lays out files in the mirror layout (written here by hand, independently
 of ``s2study fetch --mirror-to``): weight files under their official names, ``RoadScene.zip``
@@ -10,10 +11,32 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
+import shutil
+import sys
 import threading
 import zipfile
 from pathlib import Path
 from typing import Self
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def hidden_shared(command: list[str]) -> list[str]:
+    """``command`` run where ``../shared`` is an empty folder (needs root and ``unshare``)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("hiding ../shared needs root and unshare(1)")
+    script = 'mount -t tmpfs s2study-no-shared "$0" && test -z "$(ls -A "$0")" && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", script, str(SHARED), *command]
+
+
+def user_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment as a new user would have it: own HOME, no s2study variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("S2STUDY_", "MLFLOW_", "XDG_"))}
+    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", **extra)
+    return env
 
 
 def zip_dataset(folder: Path, top: str, dest: Path, only: list[str] | None = None) -> Path:

@@ -12,35 +12,17 @@ About 2 minutes on 2 cores (a 3-trial smoke study).
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from mirror import FileServer, build_mirror
+from mirror import FileServer, build_mirror, hidden_shared, user_env
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-
-
-def hidden_shared(command: list[str]) -> list[str]:
-    """``command`` run where ``../shared`` is an empty folder (needs root and ``unshare``)."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("hiding ../shared needs root and unshare(1)")
-    script = 'mount -t tmpfs s2study-no-shared "$0" && test -z "$(ls -A "$0")" && exec "$@"'
-    return ["unshare", "-m", "sh", "-c", script, str(SHARED), *command]
-
-
-def user_env(home: Path, **extra: str) -> dict[str, str]:
-    """This process's environment as a new user would have it: own HOME, no s2study variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("S2STUDY_", "MLFLOW_", "XDG_"))}
-    env.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", **extra)
-    return env
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,11 @@ on this machine's network address is the tracking store, and Tune's storage is a
 cannot resolve offline). The study is the smoke study (R2D2 from the official weights on real
 RoadScene pairs) shrunk to 3 trials asking for {cpu: 1, gpu: 0.5}.
 
+* Worker nodes are users' nodes: each is a ``ray start`` of its own, with its own ``HOME``,
+  cache and working folder, no ``S2STUDY_*`` variables and ``../shared`` hidden (its own mount
+  namespace with an empty tmpfs there), so data and weights reach it only through the
+  resolver, from a mirror on this machine (``S2STUDY_MIRROR``), as a fresh cloud node's would
+  from the public sources.
 * The node-local stores a multi-node study must refuse (a sqlite tracking URI, a loopback
   server, a local storage folder) are refused before any trial starts.
 * Every trial runs on the GPU worker; its experiment state and checkpoints are in the
@@ -26,7 +31,9 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -35,11 +42,12 @@ from pathlib import Path
 import pyarrow.fs
 import pytest
 import ray
+from mirror import FileServer, build_mirror, hidden_shared, user_env
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 from servers import mlflow_server
 
-from s2study.errors import EnvironmentProblem
+from s2study.errors import DataError, EnvironmentProblem
 from s2study.study.config import StudyConfig, TrackingConfig, load_study
 from s2study.study.runner import STATE_FILE, run_study
 
@@ -76,16 +84,61 @@ def tracking_uri(tmp_path_factory) -> Iterator[str]:
         yield uri
 
 
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory, roadscene, official_r2d2) -> Iterator[FileServer]:
+    folder = build_mirror(tmp_path_factory.mktemp("mirror"), roadscene, {"r2d2_WASF_N16.pt": official_r2d2})
+    with FileServer(folder) as srv:
+        yield srv
+
+
+class IsolatedWorker:
+    """A worker node started with ``ray start`` where ``../shared`` is hidden, with its own
+    ``HOME`` (so its own ``~/.cache/s2study``) and working folder, and the mirror's URL."""
+
+    def __init__(self, address: str, ip: str, folder: Path, mirror_url: str) -> None:
+        self.ip, self.home = ip, folder / "home"
+        self.home.mkdir(parents=True)
+        command = ["ray", "start", f"--address={address}", f"--node-ip-address={ip}", "--block",
+                   f"--num-cpus={WORKER['num_cpus']}", f"--num-gpus={WORKER['num_gpus']}"]
+        self.proc = subprocess.Popen(hidden_shared(command), cwd=self.home, start_new_session=True,
+                                     env=user_env(self.home, S2STUDY_MIRROR=mirror_url),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not any(n["Alive"] and n["NodeManagerAddress"] == ip for n in ray.nodes()):
+            assert self.proc.poll() is None, "the worker's ray start exited"
+            assert time.time() < deadline, f"worker {ip} did not join the cluster"
+            time.sleep(0.5)
+
+    @property
+    def cache(self) -> Path:
+        return self.home / ".cache" / "s2study"
+
+    def kill(self) -> None:
+        """SIGKILL every process of the node (its raylet and trial workers name its address)."""
+        import psutil
+
+        for p in psutil.process_iter(["cmdline"]):
+            if any(self.ip in part for part in p.info["cmdline"] or []):
+                p.kill()
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+
 @pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    """A head node with no CPU (so no trial fits there) and one GPU worker at 127.0.0.2."""
+def cluster(mirror, tmp_path) -> Iterator[tuple[Cluster, list[IsolatedWorker]]]:
+    """A head node with no CPU (so no trial fits there) and one isolated GPU worker at 127.0.0.2."""
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers: list[IsolatedWorker] = []
     try:
-        c.add_node(node_ip_address=WORKER_IPS[0], **WORKER)
-        yield c
+        ray.init(address=c.address, logging_level="WARNING")
+        workers.append(IsolatedWorker(c.address, WORKER_IPS[0], tmp_path / "node-1", mirror.url))
+        yield c, workers
     finally:
         if ray.is_initialized():
             ray.shutdown()
+        for w in workers:
+            if w.proc.poll() is None:
+                w.kill()
         c.shutdown()
 
 
@@ -124,6 +177,7 @@ def _trial_runs(client: MlflowClient, name: str, parent_run_id: str):
 
 
 def test_node_local_stores_are_refused_before_any_trial(cluster, tracking_uri, bucket, tmp_path):
+    cluster, _ = cluster
     loopback = tracking_uri.replace(ray.util.get_node_ip_address(), "127.0.0.1")
     db = tmp_path / "mlflow.db"
     cases = [
@@ -141,7 +195,9 @@ def test_node_local_stores_are_refused_before_any_trial(cluster, tracking_uri, b
     assert MlflowClient(tracking_uri).get_experiment_by_name("refused") is None
 
 
-def test_trials_run_on_the_gpu_worker_with_shared_storage_and_tracking(cluster, tracking_uri, bucket, tmp_path):
+def test_trials_run_on_the_gpu_worker_with_shared_storage_and_tracking(cluster, tracking_uri, bucket, tmp_path,
+                                                                       mirror):
+    cluster, (worker,) = cluster
     cfg = _study(tmp_path, "multinode", tracking_uri, "asha.max_epochs=2")
     outcome = run_study(cfg, address=cluster.address, storage_filesystem=bucket, echo=lambda line: None)
     assert not outcome.interrupted and len(outcome.trials) == TRIALS
@@ -170,6 +226,10 @@ def test_trials_run_on_the_gpu_worker_with_shared_storage_and_tracking(cluster, 
     best = outcome.trials[0]
     assert set(outcome.evaluated) == {best.trial_id}  # the evaluation task ran (on the worker: it needs a GPU)
     assert client.get_run(best.run_id).data.metrics["eval/nc_k256"] > 0
+    # the worker resolved data and weights from the mirror into its own cache, once
+    assert (worker.cache / "weights" / "r2d2_WASF_N16.pt").is_file()
+    assert (worker.cache / "data" / "RoadScene" / "cropinfrared").is_dir()
+    assert mirror.gets("RoadScene.zip") >= 1 and mirror.gets("r2d2_WASF_N16.pt") >= 1
 
 
 class _StudyThread(threading.Thread):
@@ -188,12 +248,13 @@ class _StudyThread(threading.Thread):
 
 
 def test_trials_of_a_killed_worker_resume_from_their_checkpoints_on_another(cluster, tracking_uri, bucket,
-                                                                            tmp_path, capsys):
+                                                                            tmp_path, capsys, mirror):
+    cluster, workers = cluster
     # no early stopping: every trial trains 3 epochs, so the kill lands while trials are mid-run
     cfg = _study(tmp_path, "failover", tracking_uri, "asha.max_epochs=3", "asha.enabled=false",
                  "evaluate.top_n=0", "failure.max_failures=2")
     store = tmp_path / "object-store" / PREFIX / "failover"
-    (victim,) = cluster.worker_nodes
+    (victim,) = workers
     study = _StudyThread(cfg=cfg, address=cluster.address, storage_filesystem=bucket, echo=lambda line: None)
     study.start()
     # the driver's progress line: Tune holds the trial's epoch-1 result and its checkpoint
@@ -204,8 +265,8 @@ def test_trials_of_a_killed_worker_resume_from_their_checkpoints_on_another(clus
         time.sleep(0.2)
         output += capsys.readouterr().out
     killed, killed_ms = reported[1], time.time() * 1000
-    cluster.remove_node(victim, allow_graceful=False)
-    cluster.add_node(node_ip_address=WORKER_IPS[1], **WORKER)
+    victim.kill()
+    workers.append(IsolatedWorker(cluster.address, WORKER_IPS[1], tmp_path / "node-2", mirror.url))
     study.join(timeout=400)
     assert not study.is_alive(), "the study did not finish after the worker was replaced"
     assert study.error is None, repr(study.error)
@@ -233,3 +294,12 @@ def test_trials_of_a_killed_worker_resume_from_their_checkpoints_on_another(clus
         assert run.info.status == "FINISHED" and run.data.tags["s2study.status"] == "finished"
         assert _steps(client, run.info.run_id, "val_ncm") == [1, 2, 3]
         assert _steps(client, run.info.run_id, "loss/total") == [1, 2, 3]
+
+
+def test_a_study_its_worker_cannot_resolve_stops_before_any_trial(cluster, tracking_uri, bucket, tmp_path):
+    cluster, _ = cluster
+    cfg = _study(tmp_path, "unresolvable", tracking_uri, "base.method.weights=r2d2_WAF_N16")  # not in the mirror
+    with pytest.raises(DataError, match=r"on worker node 127\.0\.0\.2: weights r2d2_WAF_N16 is needed but could "
+                                        r"not be fetched \(.*r2d2_WAF_N16\.pt: HTTP 404"):
+        run_study(cfg, address=cluster.address, storage_filesystem=bucket, echo=lambda line: None)
+    assert not list((tmp_path / "object-store").iterdir())  # no trial started, nothing stored
