@@ -21,8 +21,7 @@ Usage::
 
 See ``benchmarks/README.md`` for what each benchmark measures, the targets and the figures.
 
-Data and weights are found as everywhere in s2study (``S2STUDY_DATA``, ``S2STUDY_WEIGHTS``, else
-``../shared``). The JSON maps each benchmark name to ``{"median_s", "min_s", "max_s",
+Data and weights are found as everywhere in s2study, by name (:mod:`s2study.resolver`). The JSON maps each benchmark name to ``{"median_s", "min_s", "max_s",
 "peak_rss_mb", "device", ...}`` (plus ``baseline_median_s`` and ``ratio`` where there is a
 same-run baseline); the key ``_meta`` holds the machine, versions, load and command.
 """
