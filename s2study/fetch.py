@@ -30,11 +30,13 @@ from s2study.errors import ConfigError
 
 @dataclass(frozen=True, order=True)
 class Need:
-    """One thing a config needs: a dataset or weights by name (``root``: an explicit folder)."""
+    """One thing a config needs: a dataset or weights by name (``root``: an explicit folder;
+    ``mirror``: the config's mirror)."""
 
     kind: str  # "dataset" | "weights"
     name: str
     root: str | None = None
+    mirror: str | None = None
 
     def __str__(self) -> str:
         return f"{self.kind} {self.name}" + (f" at {self.root}" if self.root else "")
@@ -43,11 +45,11 @@ class Need:
 def train_needs(train: dict[str, Any]) -> set[Need]:
     """What one TrainConfig mapping needs: its named dataset and its named weights."""
     needs = set()
-    data, method = train.get("data") or {}, train.get("method") or {}
+    data, method, mirror = train.get("data") or {}, train.get("method") or {}, train.get("mirror")
     if data.get("dataset") in resolver.DATASETS:
-        needs.add(Need("dataset", data["dataset"], data.get("root")))
+        needs.add(Need("dataset", data["dataset"], data.get("root"), mirror))
     if resolver.is_weights_name(method.get("weights")):
-        needs.add(Need("weights", resolver.weights_entry(method["weights"]).name))
+        needs.add(Need("weights", resolver.weights_entry(method["weights"]).name, mirror=mirror))
     return needs
 
 
@@ -89,9 +91,10 @@ def target_needs(target: str) -> set[Need]:
 
 def resolve_need(need: Need, *, fetch: bool = True, progress: bool = True) -> Path:
     """The local path of ``need`` (downloaded into the cache when ``fetch`` and not local)."""
-    if need.kind == "dataset":
-        return resolver.resolve_dataset(need.name, need.root, fetch=fetch, progress=progress)
-    return resolver.resolve_weights(need.name, fetch=fetch, progress=progress)
+    with resolver.using_mirror(need.mirror):
+        if need.kind == "dataset":
+            return resolver.resolve_dataset(need.name, need.root, fetch=fetch, progress=progress)
+        return resolver.resolve_weights(need.name, fetch=fetch, progress=progress)
 
 
 # ----------------------------------------------------------------------------- mirrors

@@ -27,7 +27,8 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,23 @@ def mirror_url() -> str | None:
     """``$S2STUDY_MIRROR`` without a trailing slash (None when unset)."""
     value = os.environ.get(MIRROR_ENV, "").strip()
     return value.rstrip("/") or None
+
+
+@contextmanager
+def using_mirror(url: str | None) -> Iterator[None]:
+    """Within the block, ``url`` (a config's ``mirror``) is the mirror; None changes nothing."""
+    if url is None:
+        yield
+        return
+    before = os.environ.get(MIRROR_ENV)
+    os.environ[MIRROR_ENV] = url
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(MIRROR_ENV, None)
+        else:
+            os.environ[MIRROR_ENV] = before
 
 
 def _env_dir(env: str) -> Path | None:

@@ -194,6 +194,14 @@ def train(
     Raises:
         TrainingDiverged: the loss stayed non-finite for ``cfg.max_nonfinite_steps`` steps.
     """
+    from s2study.resolver import using_mirror
+
+    with using_mirror(cfg.mirror):
+        return _train(cfg, out_dir=out_dir, report=report, resume_from=resume_from, extra=extra,
+                      max_steps=max_steps, progress=progress)
+
+
+def _train(cfg: TrainConfig, *, out_dir, report, resume_from, extra, max_steps, progress) -> TrainResult:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -309,3 +310,16 @@ def test_mirror_sums_must_list_the_archive(fresh, tmp_path, mirror_dir, monkeypa
         monkeypatch.setenv(resolver.MIRROR_ENV, srv.url)
         with pytest.raises(DataError, match="SHA256SUMS does not list RoadScene.zip"):
             resolver.resolve_dataset("roadscene")
+
+
+def test_a_configs_mirror_key_is_used_for_its_needs(fresh, mirror_dir, tmp_path, capsys):
+    with FileServer(mirror_dir) as srv:
+        config = tmp_path / "train.yaml"
+        config.write_text(f"method: {{name: r2d2, weights: official}}\nmirror: {srv.url}/\n")
+        assert main(["fetch", str(config), "--quiet"]) == 0
+        assert srv.gets(WEIGHTS) == 1 and srv.gets("RoadScene.zip") == 1
+    assert resolver.MIRROR_ENV not in os.environ  # only within the config's own work
+    assert f"weights r2d2_WASF_N16: {fresh / 'weights' / WEIGHTS}" in capsys.readouterr().out
+    config.write_text("mirror: ftp://example.org\n")
+    assert main(["fetch", str(config)]) == 2
+    assert "mirror: 'ftp://example.org' is not allowed" in capsys.readouterr().err

@@ -158,8 +158,15 @@ class TrainConfig:
             AMX), fp32 elsewhere. ``fp32``, ``bf16`` or ``fp16`` (CUDA only) force one.
         compile: ``torch.compile`` the network for the training steps (validation runs it
             uncompiled): compiling takes a minute or more, so it pays off on long GPU runs.
-        num_workers: data-loading worker processes.
+        num_workers: data-loading worker processes; None (the default) picks them from the
+            device and the CPU threads this process may use (``torch.get_num_threads()``, a
+            study trial's ``resources.cpu``): on CUDA ``threads - 1`` (at most 8), so image
+            decoding runs beside the GPU; on the CPU 0, as workers would take cores from the
+            training threads (see :func:`s2study.train.loader_workers`).
         max_nonfinite_steps: consecutive non-finite losses tolerated before the run fails.
+        mirror: where named datasets and weights are downloaded from when no local copy
+            exists: a URL prefix (``http(s)://``, ``file://`` or ``s3://``) replacing every public
+            URL; None: ``$S2STUDY_MIRROR``, else the public sources (:mod:`s2study.resolver`).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,10 +188,14 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
-    num_workers: int = 0
+    num_workers: int | None = None
     max_nonfinite_steps: int = 3
+    mirror: str | None = None
 
     def __post_init__(self) -> None:
+        _check(self.mirror is None or self.mirror.startswith(("http://", "https://", "file://", "s3://")),
+               f"mirror: {self.mirror!r} is not allowed; expected a URL prefix starting with "
+               "http://, https://, file:// or s3://")
         _check(self.lambda_ssl >= 0, f"lambda_ssl: must be >= 0, got {self.lambda_ssl}")
         _check(self.epochs >= 1, f"epochs: must be >= 1, got {self.epochs}")
         _check(self.steps_per_epoch is None or self.steps_per_epoch >= 1,

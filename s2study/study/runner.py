@@ -117,22 +117,23 @@ def preflight_data(cfg: StudyConfig) -> None:
         DataError: naming the dataset, split, weights and path (or the failed download).
     """
     from s2study.data.datasets import open_dataset
-    from s2study.resolver import resolve_weights
+    from s2study.resolver import resolve_weights, using_mirror
 
     seen: set[str] = set()
     for values in corner_cases(cfg.space, cfg.base_flat):
         train = overlay(cfg.base, values)
         data = build_dataclass(DataConfig, train["data"], cfg.source, prefix="base.data.")
         key = json.dumps(config_to_dict(data), sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            splits = {data.train_split, data.val_split}
-            if cfg.evaluate.top_n:
-                splits.add(resolve_eval_split(data, cfg.evaluate.split))
-            for split in sorted(splits):
-                open_dataset(data, split)
-        if train["method"].get("weights"):
-            resolve_weights(train["method"]["weights"])
+        with using_mirror(train.get("mirror")):
+            if key not in seen:
+                seen.add(key)
+                splits = {data.train_split, data.val_split}
+                if cfg.evaluate.top_n:
+                    splits.add(resolve_eval_split(data, cfg.evaluate.split))
+                for split in sorted(splits):
+                    open_dataset(data, split)
+            if train["method"].get("weights"):
+                resolve_weights(train["method"]["weights"])
 
 
 def preflight_on_worker(cfg: StudyConfig, echo: Echo) -> None:
