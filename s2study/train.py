@@ -102,24 +102,32 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def method_defaults(cfg: TrainConfig) -> tuple[int, float, float]:
-    """Crop size, learning rate and weight decay: the config's, or the paper's per method."""
+    """Crop size, learning rate and weight decay: the config's, or those the method class
+    declares (its paper's: ``default_crop``, ``default_lr``, ``default_weight_decay``)."""
     from s2study.methods import load_methods
 
     cls = load_methods().get(cfg.method.name)
-    paper = {"r2d2": (1e-4, 5e-4), "d2net": (1e-4, 1e-5)}.get(cfg.method.name, (1e-4, 0.0))
     crop = cfg.crop_size or cls.default_crop
-    lr = cfg.lr if cfg.lr is not None else paper[0]
-    wd = cfg.weight_decay if cfg.weight_decay is not None else paper[1]
+    lr = cfg.lr if cfg.lr is not None else cls.default_lr
+    wd = cfg.weight_decay if cfg.weight_decay is not None else cls.default_weight_decay
     return crop, lr, wd
 
 
 def build_model(cfg: TrainConfig, device: torch.device):
-    """The method of ``cfg`` with its initial weights, on ``device``."""
+    """The method of ``cfg`` with its initial weights, on ``device``.
+
+    The weights are ``method.weights`` (a weights name or a file), else the method's
+    ``default_weights`` for its parameters (ALIKED: the official file of its ``model_name``),
+    else none; the architecture parameters the file implies (``Method.pretrained_params``)
+    fill in those the config leaves unset.
+    """
     from s2study.methods import build_method, load_methods
     from s2study.resolver import resolve_weights
 
-    weights = cfg.method.weights and str(resolve_weights(cfg.method.weights))
-    implied = load_methods().get(cfg.method.name).pretrained_params(weights) if weights else {}
+    cls = load_methods().get(cfg.method.name)
+    name = cfg.method.weights or cls.default_weights(cls.validate_params(dict(cfg.method.params)))
+    weights = name and str(resolve_weights(name))
+    implied = cls.pretrained_params(weights) if weights else {}
     method = build_method(cfg.method.name, **{**implied, **cfg.method.params})
     if weights:
         method.load_pretrained(weights)
@@ -145,6 +153,37 @@ def validate(method, dataset, k: int, threshold: float, device: torch.device) ->
         method.train()
     mean = result.means["val"][k]
     return {"val_nc": mean.nc, "val_ncm": mean.ncm, "val_cmr": mean.cmr, "val_rep": mean.repeatability}
+
+
+#: most DataLoader workers picked automatically: each is a process decoding PNG pairs, and a
+#: few keep a GPU fed at the trainer's small batches; more only cost memory and start-up time
+MAX_AUTO_WORKERS = 8
+
+
+def loader_workers(requested: int | None, device: torch.device, threads: int | None = None) -> int:
+    """The DataLoader worker processes for ``num_workers: requested`` on ``device``.
+
+    ``None`` picks them: on CUDA ``threads - 1`` (at most :data:`MAX_AUTO_WORKERS`), where
+    ``threads`` is the CPU threads this process may use (default ``torch.get_num_threads()``,
+    which a study trial sets to its ``resources.cpu``), so the images of the next batches are
+    decoded while the GPU computes and one core stays with the training loop; on the CPU 0:
+    the training threads already use every core of the share, and a worker would only take
+    time from them (the loading is a small part of a CPU step).
+    """
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    threads = torch.get_num_threads() if threads is None else threads
+    return max(0, min(int(threads) - 1, MAX_AUTO_WORKERS))
+
+
+def _loader_worker_init(worker_id: int) -> None:
+    # torch gives each worker one intra-op thread; OpenCV's pool would otherwise be as large
+    # as the parent's in every worker
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def _closing(bar):
@@ -244,15 +283,18 @@ def _train(cfg: TrainConfig, *, out_dir, report, resume_from, extra, max_steps, 
     steps_per_epoch = cfg.steps_per_epoch or max(1, len(train_set) // cfg.batch_size)
     loader_gen = torch.Generator()
     batch_gen = torch.Generator(device=device)
+    workers = loader_workers(cfg.num_workers, device)
+    log.info("data loading: %d worker process(es)", workers)
     loader = DataLoader(
         train_set,
         batch_size=cfg.batch_size,
         shuffle=True,
         drop_last=len(train_set) >= cfg.batch_size,
         collate_fn=list,
-        num_workers=cfg.num_workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
+        persistent_workers=workers > 0,
+        worker_init_fn=_loader_worker_init if workers > 0 else None,
         generator=loader_gen,
     )
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -381,4 +423,4 @@ def register_cli(sub) -> None:
     p.set_defaults(func=_cli_train)
 
 
-__all__ = ["TrainResult", "resolve_device", "train", "train_config_from_dict"]
+__all__ = ["TrainResult", "loader_workers", "resolve_device", "train", "train_config_from_dict"]

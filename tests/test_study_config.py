@@ -83,14 +83,19 @@ def test_conditional_params_are_sampled_only_for_their_method(tmp_path):
         assert 0.0 <= p["lambda_ssl"] <= 1.2
         if p["method.name"] == "r2d2":
             assert {"method.params.w_peaky", "method.params.ap_base"} <= set(p) and "method.params.margin" not in p
-            assert constants["method.weights"] == "official"
+            assert p["method.weights"] in {"r2d2_WASF_N16", "r2d2_WAF_N16", "r2d2_WASF_N8_big", "faster2d2_WASF_N16"}
+        elif p["method.name"] == "aliked":
+            assert p["method.params.model_name"] in {"aliked-t16", "aliked-n16", "aliked-n16rot", "aliked-n32"}
+            assert "method.weights" not in p and "method.params.w_peaky" not in p
         else:
             assert 2 <= p["method.params.safe_radius"] <= 8 and "method.params.w_peaky" not in p
-            assert constants == {}
+            assert constants == {} and "method.weights" not in p
+        if p["method.name"] != "d2net":
+            assert constants == {"weight_decay": 5e-4, "batch_size": 2, "crop_size": 192}
         cfg_train = train_config_from_dict(overlay(cfg.base, {**p, **constants}))
         assert cfg_train.method.name == p["method.name"] and cfg_train.data.dataset == p["data.dataset"]
         study.tell(trial, 0.0)
-    assert methods == {"r2d2", "d2net"}
+    assert methods == {"r2d2", "d2net", "aliked"}
 
 
 def test_tuple_elements_are_sampled_by_index(tmp_path):
@@ -152,7 +157,9 @@ def _study(tmp_path, **changes):
      r"bad.yaml: base: lambda_sl: unknown key 'lambda_sl' \(did you mean 'lambda_ssl'\?\)"),
     ({"asha": {"max_epochs": 3, "grace_period": 5}}, r"asha.grace_period: 5 is more than max_epochs 3"),
     ({"asha": {"max_epochs": 3, "reduction_factor": 1}}, r"asha.reduction_factor: must be > 1"),
-    ({"resources": {"cpu": 1, "gpu": 1.5}}, r"resources.gpu: must be a fraction in \[0, 1\] or a whole number"),
+    ({"resources": {"cpu": 1, "gpu": 1.5}}, r"bad.yaml: resources.gpu: must be in \[0, 1\], got 1.5; the trainer uses one"),
+    ({"resources": {"cpu": 1, "gpu": 2}}, r"bad.yaml: resources.gpu: must be in \[0, 1\], got 2; the trainer uses one device"),
+    ({"system_metrics": {"interval_s": 0.1}}, r"bad.yaml: system_metrics.interval_s: must be 0 \(off\) or in \[1, 3600\]"),
     ({"sampler": {"name": "tpee"}}, r"sampler.name: unknown sampler 'tpee' \(did you mean 'tpe'\?\)"),
     ({"sampler": {"name": "grid"}}, r"space.lambda_ssl: sampler 'grid' needs unconditional categorical specs"),
     ({"sampler": {"name": "random", "n_startup_trials": 3}}, r"sampler.n_startup_trials: not used by sampler 'random'"),
@@ -211,11 +218,11 @@ def test_cli_bad_study_exits_2_with_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_impossible_resources_exit_2_and_start_nothing(tmp_path):
-    path = _write(tmp_path, {"base": "r2d2-roadscene", "resources": {"cpu": 1000, "gpu": 64},
+    path = _write(tmp_path, {"base": "r2d2-roadscene", "resources": {"cpu": 1000, "gpu": 1},
                              "space": {"lambda_ssl": {"type": "float", "low": 0, "high": 1}}})
     proc = subprocess.run([sys.executable, "-m", "s2study", "run", str(path)], cwd=tmp_path,
                           check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "resources: {cpu: 1000, gpu: 64} per trial cannot be met" in proc.stderr
+    assert "resources: {cpu: 1000, gpu: 1} per trial cannot be met" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no storage, no mlflow.db

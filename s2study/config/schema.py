@@ -96,7 +96,10 @@ class SLAugmentConfig:
         scale: scale range.
         perspective: projection ratio (corner displacement as a fraction of the size).
         flip_prob: probability of a horizontal flip of the whole pair.
-        rot90_prob: probability of a 90/180/270 degree rotation of the infrared image.
+        rot90_prob: probability of a rotation of the whole pair (both images and the ground
+            truth, so the pair stays registered up to the offset) by 90, 180 or 270 degrees,
+            each equally likely. The paper applies these rotations but names no probability;
+            the presets set 0.5 (1/6 each turn); 0 here keeps pairs upright.
         noise_std / blur_sigma: photometric noise and blur on both images.
     """
 
@@ -213,5 +216,6 @@ class TrainConfig:
                f"precision: one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         _check(self.precision != "fp16" or self.device != "cpu",
                "precision: fp16 needs CUDA (device is cpu); use bf16 or fp32")
-        _check(self.num_workers >= 0, f"num_workers: must be >= 0, got {self.num_workers}")
+        _check(self.num_workers is None or self.num_workers >= 0,
+               f"num_workers: must be >= 0 (or null for automatic), got {self.num_workers}")
         _check(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps: must be >= 1, got {self.max_nonfinite_steps}")

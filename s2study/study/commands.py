@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from s2study.errors import ConfigError
 
-EXIT_ALL_FAILED, EXIT_INTERRUPTED = 1, 130
+#: exit codes: every trial failed; interrupted by Ctrl-C (128 + SIGINT); stopped by SIGTERM
+#: (128 + SIGTERM: ``ray job stop``, ``docker stop``, ``kill``); both leave the study resumable
+EXIT_ALL_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 130, 143
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -26,12 +29,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.tracking_uri:
         overrides.append(f"tracking.uri={json.dumps(args.tracking_uri)}")
     cfg = load_study(args.study, overrides, trials=args.trials)
-    from s2study.study.runner import run_study
+    from s2study.study.runner import Terminated, run_study
 
-    outcome = run_study(cfg, address=args.address, resume=args.resume,
-                        study_text=Path(args.study).read_text(encoding="utf-8"))
+    try:
+        outcome = run_study(cfg, address=args.address, resume=args.resume,
+                            study_text=Path(args.study).read_text(encoding="utf-8"))
+    except Terminated:
+        print(f"s2study: stopped by SIGTERM; continue it with: s2study run {args.study} --resume", file=sys.stderr)
+        return EXIT_TERMINATED
     if outcome.interrupted:
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if outcome.stopped_by == "SIGTERM" else EXIT_INTERRUPTED
     if outcome.trials and all(t.status == "failed" for t in outcome.trials):
         return EXIT_ALL_FAILED
     return 0
@@ -67,7 +74,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--storage", help="Ray storage path: a local folder or s3://BUCKET/PREFIX (overrides storage)")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (overrides tracking.uri)")
     run.add_argument("--resume", action="store_true",
-                     help="continue the study stored at STORAGE/NAME (finished trials are not rerun)")
+                     help="continue the study stored at STORAGE/NAME (finished trials are not rerun; the study "
+                          "file must be unchanged, except for more trials)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a study key, e.g. asha.max_epochs=3 or base.lambda_ssl=0.2 (repeatable)")
     run.add_argument("--trials", type=int, help="override the number of trials")

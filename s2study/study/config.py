@@ -10,7 +10,7 @@ A study file is YAML with these top-level keys (all but ``space`` optional)::
       lambda_ssl: {type: float, low: 0.0, high: 1.2}
     trials: 16                         # Tune num_samples
     max_concurrent: 4                  # default: as many as the resources allow
-    resources: {cpu: 4, gpu: 1}        # per trial; fractional gpu (0.25) allowed
+    resources: {cpu: 4, gpu: 1}        # per trial; gpu in [0, 1]: a fraction (0.25) shares one GPU
     asha: {max_epochs: 30, grace_period: 3, reduction_factor: 2}   # enabled: false = no early stop
     metric: val_ncm
     mode: max
@@ -19,6 +19,7 @@ A study file is YAML with these top-level keys (all but ``space`` optional)::
     tracking: {uri: sqlite:///mlflow.db, experiment: my-study}
     evaluate: {top_n: 1, split: auto, ks: [1024, 2048, 4096]}   # auto: test, else val
     failure: {max_failures: 2}
+    system_metrics: {interval_s: 15}   # MLflow system/* metrics per trial run; 0: off
 
 ``base: r2d2-roadscene`` is shorthand for ``base: {preset: r2d2-roadscene}``. Each trial trains
 for ``asha.max_epochs`` epochs (it overrides the base's ``epochs``; default: the base's).
@@ -73,7 +74,12 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    """What one trial asks Ray for: CPU cores and (possibly fractional) GPUs."""
+    """What one trial asks Ray for: CPU cores and at most one GPU, or a share of one.
+
+    The trainer uses one device, so ``gpu`` is in [0, 1]: 1 is a whole GPU, a fraction such
+    as 0.25 shares one GPU between trials (each capped to its share of the GPU's memory,
+    see :func:`s2study.study.trainable.limit_gpu_memory`).
+    """
 
     cpu: float = 1.0
     gpu: float = 0.0
@@ -81,8 +87,9 @@ class ResourcesConfig:
     def __post_init__(self) -> None:
         if not self.cpu > 0:
             raise ValueError(f"cpu: must be > 0, got {self.cpu}")
-        if self.gpu < 0 or (self.gpu > 1 and self.gpu != int(self.gpu)):
-            raise ValueError(f"gpu: must be a fraction in [0, 1] or a whole number, got {self.gpu}")
+        if not 0 <= self.gpu <= 1:
+            raise ValueError(f"gpu: must be in [0, 1], got {self.gpu:g}; the trainer uses one device, so a "
+                             "trial takes one GPU (1) or a share of one (e.g. 0.5 or 0.25)")
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,20 @@ class FailureSettings:
 
 
 @dataclass(frozen=True)
+class SystemMetricsConfig:
+    """MLflow system metrics (``system/cpu_utilization_percentage``, memory, and with
+    ``nvidia-ml-py`` and a driver ``system/gpu_0_utilization_percentage`` and GPU memory),
+    sampled in each trial's process every ``interval_s`` seconds into its run; 0 turns them off.
+    """
+
+    interval_s: float = 15.0
+
+    def __post_init__(self) -> None:
+        if not (self.interval_s == 0 or 1 <= self.interval_s <= 3600):
+            raise ValueError(f"interval_s: must be 0 (off) or in [1, 3600] seconds, got {self.interval_s:g}")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """A validated study.
 
@@ -188,7 +209,8 @@ class StudyConfig:
         space: the search space, in file order.
         trials: number of trials (Tune ``num_samples``).
         max_concurrent: trials running at once (None: as many as resources allow).
-        resources / asha / sampler / tracking / evaluate / failure: the sections above.
+        resources / asha / sampler / tracking / evaluate / failure / system_metrics: the
+            sections above.
         metric / mode: what ASHA and Optuna optimise.
         storage: absolute local folder or a URI (``s3://...``) for Ray's experiment state.
         source: the study file (for messages).
@@ -208,6 +230,7 @@ class StudyConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     failure: FailureSettings = field(default_factory=FailureSettings)
+    system_metrics: SystemMetricsConfig = field(default_factory=SystemMetricsConfig)
     source: str = ""
 
     def __post_init__(self) -> None:

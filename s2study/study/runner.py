@@ -18,8 +18,16 @@ all that resuming and the final evaluation need.
 
 After ``fit`` the ``evaluate.top_n`` best trials are evaluated (a Ray task with the trial
 resources, so on a GPU node of a cluster) and logged into their runs; the parent run gets the
-study file, the resolved space, the ranked trial table and the best trial. The parent run id
-is kept in ``<storage>/<name>/s2study_study.json`` so ``--resume`` continues the same run.
+study file, the resolved space, the ranked trial table and the best trial.
+
+The study state, ``<storage>/<name>/s2study_study.json`` (:data:`STATE_FILE`), keeps the parent
+run id, the tracking URI and the resolved study. ``--resume`` needs Tune's experiment state
+there (nothing to restore is an error), refuses a study file that differs from the stored one
+(naming the keys; raising ``trials`` extends the study), finds the parent run in the tracking
+store by its tags (the study name and ``<storage>/<name>``, so a new head whose MLflow server
+has another address reattaches to it), and checks that the store still holds the trial runs
+Tune's results record; all before any trial starts. SIGTERM (``ray job stop``) stops a study
+like Ctrl-C does (:class:`StopSignals`).
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 from ray import tune
@@ -49,11 +59,16 @@ from s2study.study.trainable import (
     BEST_FILE,
     CHECKPOINT_FILE,
     TrialSettings,
+    apply_share,
+    assigned_share,
     run_trial,
     trial_config,
 )
 
 STATE_FILE = "s2study_study.json"
+#: resolved-study keys a resume may change: the tracking store's address (a new head) and the
+#: storage spelling (the state was found there); ``trials`` may be raised
+RESUME_FREE_KEYS = ("tracking.uri", "storage")
 Echo = Callable[[str], None]
 
 
@@ -88,6 +103,7 @@ class StudyOutcome:
     trials: list[TrialSummary] = field(default_factory=list)
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
     interrupted: bool = False
+    stopped_by: str | None = None  # "SIGTERM" when a SIGTERM interrupted it (else Ctrl-C or none)
 
 
 # --------------------------------------------------------------------------- checks
@@ -246,7 +262,124 @@ def _read_state(fs: Any, folder: str) -> dict[str, Any] | None:
 def _write_state(fs: Any, folder: str, state: dict[str, Any]) -> None:
     fs.create_dir(folder, recursive=True)
     with fs.open_output_stream(f"{folder}/{STATE_FILE}") as f:
-        f.write(json.dumps(state, indent=1).encode())
+        f.write(json.dumps(state, indent=1, default=str).encode())
+
+
+def _jsonable(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))
+
+
+def study_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The keys of the resolved study ``current`` that differ from ``stored`` (the one the
+    study started with), as ``key (old -> new)``; empty when a resume may go on.
+
+    Free: :data:`RESUME_FREE_KEYS`, and ``trials`` raised. Keys outside ``space`` that only
+    one side has (a setting a newer s2study added, or dropped) are not compared.
+    """
+    old, new = flatten(_jsonable(stored)), flatten(_jsonable(current))
+    missing = object()
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if key in RESUME_FREE_KEYS or a == b:
+            continue
+        if (a is missing or b is missing) and not key.startswith("space."):
+            continue
+        if key == "trials" and isinstance(a, int) and isinstance(b, int) and b > a:
+            continue
+        out.append(f"{key} ({_shown(a, missing)} -> {_shown(b, missing)})")
+    return out
+
+
+def _shown(value: Any, missing: Any) -> str:
+    text = "absent" if value is missing else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass
+class ResumePlan:
+    """What ``--resume`` found before anything starts."""
+
+    parent_run_id: str
+    stored_trials: int | None  # the study's trials before this resume (None: not recorded)
+    moved_from: str | None  # the tracking URI the study used before, where it differs
+
+
+def plan_resume(cfg: StudyConfig, state: dict[str, Any] | None, storage_filesystem: Any | None = None) -> ResumePlan:
+    """Check that a restorable study can be resumed as asked (see the module docstring).
+
+    Raises:
+        ConfigError: the study file differs from the stored one (names the keys).
+        EnvironmentProblem: the tracking store lacks the study's parent run, or trial runs
+            that Tune's results record.
+    """
+    state = state or {}
+    exp_path, uri = experiment_path(cfg), cfg.tracking.uri
+    if isinstance(state.get("study"), dict):
+        changed = study_changes(state["study"], resolved_study(cfg))
+        if changed:
+            raise ConfigError(
+                f"{cfg.source}: --resume: the study differs from the one started at {exp_path}: "
+                f"{', '.join(changed)}; only trials may be raised. Resume it as it was, or start a new study "
+                "(another name or --storage)")
+    parent = tracking.find_study_run(uri, cfg.tracking.experiment, cfg.name, exp_path,
+                                     prefer=state.get("parent_run_id"))
+    if parent is None:
+        raise EnvironmentProblem(
+            f"--resume: the tracking store {uri} holds no run of study {cfg.name!r} kept at {exp_path} (experiment "
+            f"{cfg.tracking.experiment!r}, tags {tracking.TAG_STUDY} and {tracking.TAG_STORAGE}); its runs were lost "
+            "or this is another store: pass the --tracking-uri of the store the study used, or restore it")
+    recorded = recorded_trial_runs(exp_path, storage_filesystem)
+    lost = set(tracking.missing_runs(uri, sorted(set(recorded.values()))))
+    if lost:
+        trials = sorted(t for t, r in recorded.items() if r in lost)
+        raise EnvironmentProblem(
+            f"--resume: the tracking store {uri} lacks the MLflow runs of {len(trials)} trial(s) that Tune's "
+            f"checkpoints at {exp_path} record ({', '.join(trials[:5])}{', ...' if len(trials) > 5 else ''}); its "
+            "runs were lost: restore the store, or start a new study (another name or --storage)")
+    stored = (state.get("study") or {}).get("trials")
+    before = state.get("tracking_uri")
+    return ResumePlan(parent, stored if isinstance(stored, int) else None,
+                      before if before and before != uri else None)
+
+
+def recorded_trial_runs(exp_path: str, storage_filesystem: Any | None = None) -> dict[str, str]:
+    """Trial id -> the MLflow run id in the trial's last result in Tune's newest experiment
+    state (trials with a checkpoint only: a trial without one finds or creates its run)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        analysis = ExperimentAnalysis(exp_path, storage_filesystem=storage_filesystem)
+    except Exception:  # noqa: BLE001 - Tune.restore reports an unreadable state itself
+        return {}
+    out = {}
+    for trial in analysis.trials:
+        run_id = (trial.last_result or {}).get(tracking.RESULT_RUN_ID)
+        if isinstance(run_id, str) and run_id and trial.checkpoint is not None:
+            out[trial.trial_id] = run_id
+    return out
+
+
+def extend_search(fs: Any, folder: str, trials: int) -> int | None:
+    """Raise the number of trials Tune's search generator will create, in its newest saved
+    state (``search_gen_state-*.json``; a restored Tuner keeps the number it started with).
+    Returns the number it had (None: no such state)."""
+    import pyarrow.fs as pafs
+    from ray import cloudpickle
+
+    infos = fs.get_file_info(pafs.FileSelector(folder))
+    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                   and i.base_name.startswith("search_gen_state-") and i.base_name.endswith(".json"))
+    if not paths:
+        return None
+    with fs.open_input_stream(paths[-1]) as f:
+        state = cloudpickle.loads(f.read())
+    total = state.get("total_samples")
+    if isinstance(total, int) and total < trials:
+        state["total_samples"] = trials
+        with fs.open_output_stream(paths[-1]) as f:
+            f.write(cloudpickle.dumps(state))
+    return total if isinstance(total, int) else None
 
 
 # --------------------------------------------------------------------------- Tune pieces
@@ -294,8 +427,10 @@ class StudyProgress(tune.Callback):
         # Tune calls on_trial_complete/on_trial_error before it updates the trial's status
         states = [status if t is ending else t.status for t in trials]
         running = states.count("RUNNING")
-        failed = states.count("ERROR")
         ended = [t for t, s in zip(trials, states) if s == "TERMINATED"]
+        # ended without any result: it failed itself (trainable: no usable GPU), ASHA stops after one
+        failed = states.count("ERROR") + sum(not t.last_result.get("training_iteration") for t in ended)
+        ended = [t for t in ended if t.last_result.get("training_iteration")]
         early = sum(t.last_result.get("training_iteration", 0) < self.max_epochs for t in ended)
         return (f"running {running}, stopped early {early}, done {len(ended) - early}, failed {failed} "
                 f"of {self.total}")
@@ -316,6 +451,7 @@ class StudyProgress(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         epochs = trial.last_result.get("training_iteration", 0)
         how = "finished" if epochs >= self.max_epochs else f"stopped early by ASHA after {epochs} epochs"
+        how = how if epochs else "ended without an epoch (see s2study.failure_reason in its MLflow run)"
         self._line(f"{trial.trial_id} {how}", trials, trial, "TERMINATED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -409,6 +545,8 @@ def run_study(
 
     Raises:
         ConfigError / DataError / EnvironmentProblem: before anything starts.
+        Terminated: a SIGTERM outside Tune's fit (inside it, the study ends interrupted,
+            ``stopped_by`` "SIGTERM").
     """
     import ray
     from ray.tune import Tuner
@@ -427,30 +565,90 @@ def run_study(
     if restorable and not resume:
         raise ConfigError(f"{cfg.source}: name: {exp_path} already holds study {cfg.name!r}; add --resume to "
                           "continue it, or pick another --storage or name")
+    state = _read_state(fs, folder)
+    plan = None
+    if resume:
+        if not restorable:
+            why = ("an earlier attempt stopped before Tune saved any state" if state
+                   else "no study was started there")
+            raise ConfigError(f"{cfg.source}: --resume: nothing to resume at {exp_path} ({why}); run it without "
+                              "--resume to start the study, or pass the --storage it was started with")
+        plan = plan_resume(cfg, state, storage_filesystem)
     _drop_tune_restore_hint()
-    started = not ray.is_initialized()
-    if started and address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    elif started:  # "local": never join a cluster started with `ray start` on this machine
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        if address:
-            _cluster_checks(cfg, storage_vouched=storage_filesystem is not None)
-            preflight_on_worker(cfg, echo)
-        experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
-        parent = _study_run(cfg, fs, folder, experiment_id, resume, study_text, echo)
-        outcome = StudyOutcome(cfg.name, exp_path, uri, experiment_id, parent)
+    with StopSignals() as stop:
+        started = not ray.is_initialized()
+        if started and address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        elif started:  # "local": never join a cluster started with `ray start` on this machine
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        stop.install()  # again: ray.init puts its own SIGTERM handlers in place (exit at once)
         try:
-            return _fit(cfg, outcome, restorable and resume, storage_filesystem, echo)
-        except KeyboardInterrupt:
-            _end(uri, experiment_id, parent, "killed", "interrupted (KeyboardInterrupt)")
-            raise
-        except BaseException as exc:
-            _end(uri, experiment_id, parent, "failed", f"{type(exc).__name__}: {exc}")
-            raise
-    finally:
-        if started:
-            ray.shutdown()
+            if address:
+                _cluster_checks(cfg, storage_vouched=storage_filesystem is not None)
+                preflight_on_worker(cfg, echo)
+            experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+            parent = _study_run(cfg, fs, folder, experiment_id, plan, state, study_text, echo)
+            outcome = StudyOutcome(cfg.name, exp_path, uri, experiment_id, parent)
+            try:
+                outcome = _fit(cfg, outcome, plan is not None, storage_filesystem, echo)
+                outcome.stopped_by = stop.received
+                return outcome
+            except KeyboardInterrupt as exc:
+                how = "SIGTERM" if isinstance(exc, Terminated) else "KeyboardInterrupt"
+                _end(uri, experiment_id, parent, "killed", f"interrupted ({how})")
+                raise
+            except BaseException as exc:
+                _end(uri, experiment_id, parent, "failed", f"{type(exc).__name__}: {exc}")
+                raise
+        finally:
+            if started:
+                ray.shutdown()
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (``ray job stop``, ``docker stop``, ``kill``) during a study, outside Tune's
+    fit: handled like Ctrl-C (the CLI exits 143)."""
+
+
+class StopSignals:
+    """While a study runs, SIGTERM does what Ctrl-C (SIGINT) does.
+
+    Inside ``Tuner.fit`` that is Tune's SIGINT handler (stop the trials, save the experiment
+    state, return: the study ends interrupted and resumable); elsewhere it raises
+    :class:`Terminated`. ``received`` says whether a SIGTERM came. Only the main thread can
+    install handlers; elsewhere this does nothing. ``ray.init`` installs handlers of its own
+    (Python's ``sys.exit`` and, in C++, a fatal-signal handler that aborts the driver), so
+    :meth:`install` runs again after it; leaving restores the handler found first.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> Self:
+        self.install()
+        return self
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if not self._installed:
+            self._previous, self._installed = previous, True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.received = "SIGTERM"
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signal.SIGINT, frame)  # Tune's: it stops the run and saves its state
+            return
+        raise Terminated("SIGTERM")
 
 
 class _NoTunerRestoreHint(logging.Filter):
@@ -470,25 +668,37 @@ def _drop_tune_restore_hint() -> None:
         logger.addFilter(_NoTunerRestoreHint())
 
 
-def _study_run(cfg: StudyConfig, fs: Any, folder: str, experiment_id: str, resume: bool,
-               study_text: str | None, echo: Echo) -> str:
-    """The study's parent run: reopened on ``--resume`` (id kept in the storage folder), else new."""
+def _study_run(cfg: StudyConfig, fs: Any, folder: str, experiment_id: str, plan: ResumePlan | None,
+               state: dict[str, Any] | None, study_text: str | None, echo: Echo) -> str:
+    """The study's parent run: the one ``plan`` found (``--resume``), else a new one (an
+    earlier attempt's run, which never got as far as a Tune snapshot, is superseded)."""
     uri = cfg.tracking.uri
-    state = _read_state(fs, folder)
-    same_store = bool(state) and state.get("tracking_uri") == uri
-    if resume and same_store:
-        parent = state["parent_run_id"]
+    exp_path = experiment_path(cfg)
+    study = resolved_study(cfg)
+    if plan is not None:
+        parent = plan.parent_run_id
         tracking.reopen_run(uri, parent)
-        echo(f"resuming study {cfg.name} (MLflow run {parent})")
+        moved = f"; its tracking store was {plan.moved_from}" if plan.moved_from else ""
+        echo(f"resuming study {cfg.name} (MLflow run {parent}{moved})")
+        if plan.stored_trials is not None and cfg.trials > plan.stored_trials:
+            echo(f"extending study {cfg.name} from {plan.stored_trials} to {cfg.trials} trials")
+        if plan.stored_trials is None or cfg.trials > plan.stored_trials:
+            extend_search(fs, folder, cfg.trials)
+        _write_state(fs, folder, {**(state or {}), "parent_run_id": parent, "tracking_uri": uri,
+                                  "experiment_id": experiment_id, "study": study})
     else:
-        if same_store:  # an earlier attempt that never got as far as a Tune snapshot
-            tracking.close_running_children(uri, experiment_id, state["parent_run_id"], "killed", "superseded")
-            tracking.finish_run(uri, state["parent_run_id"], "killed", "superseded by a new attempt")
+        earlier = (tracking.find_study_run(uri, cfg.tracking.experiment, cfg.name, exp_path,
+                                           prefer=state.get("parent_run_id")) if state else None)
         parent = tracking.start_study_run(uri, experiment_id, cfg.name, study_params(cfg), tags={
             "s2study.space_keys": ",".join(s.key for s in cfg.space if s.sampled),
-            "s2study.metric": cfg.metric, "s2study.mode": cfg.mode, "s2study.storage": experiment_path(cfg)})
-        _write_state(fs, folder, {"parent_run_id": parent, "tracking_uri": uri, "experiment_id": experiment_id})
-    tracking.log_text(uri, parent, yaml.safe_dump(resolved_study(cfg), sort_keys=False), "study/resolved.yaml")
+            "s2study.metric": cfg.metric, "s2study.mode": cfg.mode, tracking.TAG_STORAGE: exp_path})
+        if earlier is not None and earlier != parent:
+            tracking.close_running_children(uri, experiment_id, earlier, "killed", "superseded")
+            tracking.finish_run(uri, earlier, "killed", "superseded by a new attempt")
+            tracking.set_tags(uri, earlier, {tracking.TAG_SUPERSEDED: parent})
+        _write_state(fs, folder, {"parent_run_id": parent, "tracking_uri": uri, "experiment_id": experiment_id,
+                                  "study": study})
+    tracking.log_text(uri, parent, yaml.safe_dump(study, sort_keys=False), "study/resolved.yaml")
     if study_text is not None:
         tracking.log_text(uri, parent, study_text, "study/study.yaml")
     return parent
@@ -500,12 +710,17 @@ def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesys
     from ray.tune import Tuner
 
     uri, experiment_id, parent = outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id
-    settings = TrialSettings(cfg.base, uri, experiment_id, parent, cfg.metric, cfg.mode, cfg.resources.gpu)
+    # a trial that ends itself failed (no usable GPU; not raised, so not retried) has no result
+    # with the metric, which Tune's strict check would turn into an error of the whole study
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    settings = TrialSettings(cfg.base, uri, experiment_id, parent, cfg.metric, cfg.mode, cfg.resources.gpu,
+                             cfg.system_metrics.interval_s)
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
                                     {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
     if restore:
         tuner = Tuner.restore(outcome.experiment_path, trainable, resume_errored=True,
                               storage_filesystem=storage_filesystem)
+        _set_progress_total(tuner, cfg.trials)
     else:
         tuner = build_tuner(cfg, trainable, storage_filesystem)
     echo(f"study {cfg.name}: {cfg.trials} trials, storage {outcome.experiment_path}, MLflow {uri} "
@@ -516,8 +731,23 @@ def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesys
     if dropped:
         echo(f"deleted {dropped} MLflow run(s) of trials lost when the driver died (Tune never recorded them)")
     outcome.interrupted = len(grid) < cfg.trials or any(t.status == "incomplete" for t in outcome.trials)
+    by_trial = {r.metrics.get("trial_id"): r for r in grid}
+
+    def complete(run: Any, status: str) -> None:
+        # a trial that ended without ending its run: its last writes may have died with it
+        result = by_trial.get(run.data.tags.get(tracking.TAG_TRIAL))
+        if status != "killed" and result is not None and result.checkpoint is not None:
+            try:
+                added = complete_from_checkpoint(uri, run.info.run_id, result.checkpoint, cfg.metric, cfg.mode)
+            except Exception as exc:  # noqa: BLE001 - the study's result does not depend on it
+                echo(f"could not complete MLflow run {run.info.run_id} from its checkpoint: {_last_line(exc)}")
+                return
+            if added:
+                echo(f"logged {added} epoch(s) of {run.info.run_name} that its trial could not (from its checkpoint)")
+
     tracking.settle_trial_runs(uri, experiment_id, parent, {
-        t.trial_id: ("killed" if t.status == "incomplete" else t.status, t.error) for t in outcome.trials})
+        t.trial_id: ("killed" if t.status == "incomplete" else t.status, t.error) for t in outcome.trials},
+        before_end=complete)
     if outcome.interrupted:
         _end(uri, experiment_id, parent, "killed", "study interrupted; continue with s2study run --resume")
         echo(f"study interrupted; continue it with: s2study run {cfg.source} --resume")
@@ -527,6 +757,38 @@ def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesys
     _end(uri, experiment_id, parent, "finished")
     echo(summary_text(cfg, outcome))
     return outcome
+
+
+def complete_from_checkpoint(uri: str, run_id: str, checkpoint: Any, metric: str, mode: str) -> int:
+    """Log into ``run_id`` the epochs of a trial's latest Tune checkpoint (its ``history``)
+    that the run lacks, and its best weights where the run has none; returns how many epochs.
+
+    For a trial whose process died with writes still queued (a stopped trial's actor is
+    killed 30 s after Tune lets it go), once no process of the trial is left.
+    """
+    from s2study.checkpoint import load_checkpoint
+
+    with checkpoint.as_directory() as d:
+        history = list(load_checkpoint(Path(d) / CHECKPOINT_FILE).get("history") or [])
+        run = tracking.TrialRun.attach(uri, run_id, metric, mode)
+        before = run.last_step
+        run.backfill(history)
+        run.flush()
+        if (Path(d) / BEST_FILE).is_file() and not tracking.has_artifact(uri, run_id, f"checkpoints/{BEST_FILE}"):
+            tracking.log_artifact(uri, run_id, Path(d) / BEST_FILE, "checkpoints")
+    return max(run.last_step - before, 0)
+
+
+def _set_progress_total(tuner: Any, trials: int) -> None:
+    """A restored Tuner brings back the :class:`StudyProgress` it was built with: give it the
+    (possibly raised) number of trials."""
+    try:
+        callbacks = tuner._local_tuner.get_run_config().callbacks or []
+    except AttributeError:  # another Tune layout: the progress lines keep the old total
+        return
+    for callback in callbacks:
+        if isinstance(callback, StudyProgress):
+            callback.total = trials
 
 
 def _end(uri: str, experiment_id: str, parent: str, status: str, reason: str | None = None) -> None:
@@ -552,6 +814,8 @@ def summarize(cfg: StudyConfig, grid: Any, uri: str, experiment_id: str, parent:
         run = runs.get(trial_id)
         if result.error is not None:
             status = "failed"
+        elif result.metrics.get("done") and run is not None and run.data.tags.get(tracking.TAG_STATUS) == "failed":
+            status = "failed"  # ended itself without raising (trainable: a GPU it cannot use), not retried
         elif result.metrics.get("done"):  # Tune sets it when a trial ends: ASHA stop or last epoch
             status = "finished" if epochs >= cfg.max_epochs else "stopped_early"
         else:
@@ -561,7 +825,8 @@ def summarize(cfg: StudyConfig, grid: Any, uri: str, experiment_id: str, parent:
             trial_id=trial_id, name=run.info.run_name if run else trial_id, status=status, epochs=epochs,
             best=best, last=values[-1] if values else None,
             sampled=dict(result.config or {}), run_id=run.info.run_id if run else None,
-            error=_last_line(result.error) if result.error else None,
+            error=_last_line(result.error) if result.error else (
+                run.data.tags.get(tracking.TAG_REASON) if status == "failed" else None),
         ))
     sign = -1 if cfg.mode == "max" else 1
     return sorted(out, key=lambda t: (t.best is None, sign * (t.best or 0.0)))
@@ -592,6 +857,7 @@ def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int
     from s2study.evaluate import evaluate_checkpoint, format_table, write_outputs
     from s2study.metrics import metric_name
 
+    apply_share(*assigned_share())  # the trial's threads and GPU memory cap (a fractional GPU is shared)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory(prefix="s2study-eval-") as tmp, checkpoint.as_directory() as d:
         path = Path(d) / BEST_FILE if (Path(d) / BEST_FILE).is_file() else Path(d) / CHECKPOINT_FILE
