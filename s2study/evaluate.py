@@ -29,7 +29,6 @@ import torch
 from s2study.config.schema import DataConfig
 from s2study.errors import ConfigError, DataError
 from s2study.features import Extractor, Features
-from s2study.methods.base import Keypoints
 from s2study.metrics import (
     DEFAULT_THRESHOLD,
     DEFAULT_THRESHOLDS,
@@ -177,13 +176,9 @@ def save_features(path: Path, feats: Features) -> None:
     atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
 
 
-def to_keypoints(feats: Features) -> Keypoints:
-    """Features (numpy) as :class:`~s2study.methods.base.Keypoints` (CPU tensors)."""
-    return Keypoints(
-        torch.from_numpy(np.asarray(feats.keypoints, dtype=np.float32)).reshape(-1, 2),
-        torch.from_numpy(np.asarray(feats.scores, dtype=np.float32)).reshape(-1),
-        torch.from_numpy(np.asarray(feats.descriptors, dtype=np.float32)),
-    )
+def to_keypoints(feats: Features) -> Features:
+    """Features (numpy) as float32 CPU tensors, what the metrics read."""
+    return feats.as_tensors()
 
 
 def check_ks(ks: Iterable[int]) -> tuple[int, ...]:

@@ -1,95 +1,47 @@
-"""``load_extractor``: one call from a checkpoint, the official R2D2 file or a baseline name
-to an :class:`~s2study.features.Extractor` (design.md section 4).
+"""``load_extractor``: one call from a checkpoint, a third-party weight file or name, or a
+baseline name to an :class:`~s2study.features.Extractor` (design.md section 4).
 
 What ``checkpoint`` may be, tried in this order:
 
 1. an existing file: an s2study checkpoint (:mod:`s2study.checkpoint`; the network is rebuilt
-   from the method name and hyperparameters it stores, and its weights load strictly), or the
-   official R2D2 checkpoint (a dict with ``net`` and ``state_dict``; its ``net`` string is
-   parsed against R2D2's whitelist, never evaluated);
-2. a weights name (``official``, ``r2d2_WASF_N16``, ``faster2d2_WASF_N16``, ...), resolved to
-   the official file by :mod:`s2study.resolver` (fetched into the cache on first use);
+   from the method name and hyperparameters it stores, and its weights load strictly), or a
+   third-party weight file: the method is the one the resolver lists for that file (by
+   content, then by file name: ``aliked-n16.pth`` -> ``aliked``, ``r2d2_WASF_N16.pt`` ->
+   ``r2d2``), else the method whose ``Method.recognizes`` accepts the file (the official R2D2
+   format, a dict with ``net`` and ``state_dict``, whose ``net`` string is parsed against
+   R2D2's whitelist, never evaluated); the network is ``Method.from_pretrained(file)``;
+2. a weights name (``official``, ``r2d2_WASF_N16``, ``faster2d2_WASF_N16``, ``aliked-n16``,
+   ...), resolved to its file by :mod:`s2study.resolver` (fetched into the cache on first use)
+   and built by the method the resolver names for it;
 3. the name of a baseline registered in :data:`s2study.baselines.BASELINES` (``sift``,
    ``rift``; ``cmm-net`` is reserved and explains why it cannot run).
 
 Every extractor takes a uint8 image, HxW (gray, replicated to RGB) or HxWx3 (RGB), and returns
 :class:`~s2study.features.Features` in the input's pixel coordinates, sorted by decreasing
 score, at most ``max_keypoints`` of them, with float32 L2-normalised descriptors. It carries a
-``name`` for tables and a ``cache_key`` naming its weights and settings.
+``name`` for tables and a ``cache_key`` naming its weights and settings. The extraction
+options a method takes are those its class declares (``Method.extract_options``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from s2study.errors import CheckpointError, ConfigError, DataError, EnvironmentProblem
-from s2study.features import Extractor, Features
+from s2study.errors import CheckpointError, ConfigError, EnvironmentProblem
+from s2study.features import (
+    Extractor,
+    Features,
+    as_rgb_uint8,
+    check_max_keypoints,
+    file_digest,
+    finalize_features,
+    make_cache_key,
+)
 from s2study.methods.base import Method
-
-
-def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    """Check an input image and return it as (H, W, 3) uint8 RGB (gray replicated).
-
-    Raises:
-        DataError: not a uint8 HxW, HxWx1 or HxWx3 array.
-    """
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        kind = image.dtype if isinstance(image, np.ndarray) else type(image).__name__
-        raise DataError(f"expected a uint8 numpy image, got {kind}")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 2:
-        return np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim == 3 and image.shape[2] == 3:
-        return image
-    raise DataError(f"expected an HxW or HxWx3 image, got shape {image.shape}")
-
-
-def finalize_features(
-    keypoints: np.ndarray | torch.Tensor,
-    scores: np.ndarray | torch.Tensor,
-    descriptors: np.ndarray | torch.Tensor,
-    max_keypoints: int,
-) -> Features:
-    """Features in the interface's form: sorted by decreasing score (stable), at most
-    ``max_keypoints``, float32, descriptors L2-normalised.
-
-    Args:
-        keypoints: (N, 2) ``(x, y)``; scores: (N,); descriptors: (N, D).
-    """
-    xy, sc, desc = (
-        (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)).astype(
-            np.float32, copy=False
-        )
-        for v in (keypoints, scores, descriptors)
-    )
-    order = np.argsort(-sc, kind="stable")[:max_keypoints]
-    desc = desc[order]
-    norms = np.linalg.norm(desc, axis=1, keepdims=True)
-    desc = desc / np.maximum(norms, 1e-12)
-    return Features(
-        np.ascontiguousarray(xy[order].reshape(-1, 2)),
-        np.ascontiguousarray(sc[order]),
-        np.ascontiguousarray(desc, dtype=np.float32),
-    )
-
-
-def check_max_keypoints(max_keypoints: int) -> int:
-    """Return ``max_keypoints`` if it is a positive int, else raise :class:`ConfigError`."""
-    if (
-        isinstance(max_keypoints, bool)
-        or not isinstance(max_keypoints, (int, np.integer))
-        or max_keypoints <= 0
-    ):
-        raise ConfigError(f"max_keypoints (K) must be a positive integer, got {max_keypoints!r}")
-    return int(max_keypoints)
 
 
 class MethodExtractor:
@@ -123,10 +75,8 @@ class MethodExtractor:
         rgb = as_rgb_uint8(image)
         tensor = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device)
         tensor = tensor.permute(2, 0, 1)[None].float().div_(255.0)
-        self.method.eval()
-        with torch.no_grad():
-            kp = self.method.extract(tensor, k, **self.options)
-        return finalize_features(kp.xy, kp.scores, kp.descriptors, k)
+        kp = self.method.extract(tensor, k, **self.options)  # eval mode, no autograd
+        return finalize_features(kp.keypoints, kp.scores, kp.descriptors, k)
 
     def __repr__(self) -> str:
         return f"MethodExtractor(name={self.name!r}, device={self.device}, options={self.options})"
@@ -171,57 +121,29 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's content (hex)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def make_cache_key(*parts: Any) -> str:
-    """A short stable hash of JSON-serialisable parts (weights digest, method, options...)."""
-    from s2study import __version__
-
-    text = json.dumps([__version__, *parts], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _check_extract_options(method: Method, options: dict[str, Any]) -> None:
-    accepted = [
-        p.name
-        for p in inspect.signature(method.extract).parameters.values()
-        if p.kind is p.KEYWORD_ONLY
-        or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("image", "max_keypoints"))
-    ]
-    unknown = [k for k in options if k not in accepted]
-    if unknown:
-        raise ConfigError(
-            f"method {method.name!r} does not take the extraction option(s) {', '.join(unknown)}; "
-            f"it accepts: {', '.join(accepted) or '(none)'}"
-        )
-
-
 def _load_raw(path: Path) -> Any:
     from s2study.checkpoint import safe_torch_load
 
     return safe_torch_load(path, "checkpoint")
 
 
-def _method_from_file(path: Path) -> tuple[Method, str]:
-    """Rebuild the network stored in ``path``; returns it and its default table name."""
+def _method_from_file(path: Path, weights_name: str | None = None) -> tuple[Method, str]:
+    """Rebuild the network stored in ``path``; returns it and its default table name.
+
+    Args:
+        path: an s2study checkpoint or a third-party weight file.
+        weights_name: the resolver's name of the file, when it was given by name.
+    """
     from s2study.checkpoint import load_checkpoint
     from s2study.methods import build_method
 
     try:
         ckpt = load_checkpoint(path)
     except CheckpointError as not_ours:
-        from s2study.methods.r2d2 import R2D2, is_official_checkpoint
-
-        if not is_official_checkpoint(_load_raw(path)):
+        cls = _third_party_method(path, weights_name)
+        if cls is None:
             raise not_ours from None
-        return R2D2.from_official_checkpoint(path), path.stem
+        return cls.from_pretrained(path), path.stem
     spec = ckpt["method"]
     if not isinstance(spec, dict) or "name" not in spec:
         raise CheckpointError(f"{path}: the 'method' entry must be a dict with 'name' and 'params'")
@@ -240,6 +162,28 @@ def _method_from_file(path: Path) -> tuple[Method, str]:
     return method, f"{spec['name']}-{path.stem}"
 
 
+def _third_party_method(path: Path, weights_name: str | None) -> type[Method] | None:
+    """The method class of a weight file that is not an s2study checkpoint (None: unknown).
+
+    The resolver's entry decides when the file is one it lists (by name, by content, by file
+    name); otherwise each method's ``recognizes`` looks at the loaded file.
+    """
+    from s2study.methods import load_methods
+    from s2study.resolver import WEIGHTS, weights_entry
+
+    methods = load_methods()
+    entry = weights_entry(weights_name) if weights_name else None
+    if entry is None:
+        by_file = [w for w in WEIGHTS.values() if w.file == path.name]
+        if by_file:
+            digest = file_digest(path)
+            entry = next((w for w in WEIGHTS.values() if w.sha256 == digest), by_file[0])
+    if entry is not None and entry.method in methods:
+        return methods.get(entry.method)
+    raw = _load_raw(path)
+    return next((cls for _, cls in methods.items() if cls.recognizes(raw)), None)
+
+
 def load_extractor(
     checkpoint: str | Path,
     device: str | torch.device = "cpu",
@@ -253,7 +197,8 @@ def load_extractor(
             baseline name.
         device: torch device of network methods (``cpu``, ``cuda``, ``auto``).
         multiscale: extract on the method's image pyramid (R2D2, D2-Net).
-        options: further options of the method's ``extract`` or of the baseline's factory.
+        options: further options of the method's ``extract`` (``Method.extract_options``)
+            or of the baseline's factory.
 
     Raises:
         CheckpointError: the file is not a usable checkpoint (unreadable, unknown method or
@@ -267,14 +212,16 @@ def load_extractor(
     from s2study.resolver import is_weights_name, resolve_weights
 
     path = Path(checkpoint).expanduser()
+    weights_name = None
     if not path.exists() and is_weights_name(str(checkpoint)):
-        path = resolve_weights(str(checkpoint))  # fetched into the cache on first use
+        weights_name = str(checkpoint)
+        path = resolve_weights(weights_name)  # fetched into the cache on first use
     if path.is_dir():
         raise CheckpointError(f"{path.absolute()}: is a directory, expected a checkpoint file")
     if path.is_file():
         dev = resolve_device(device)
-        method, name = _method_from_file(path)
-        _check_extract_options(method, options)
+        method, name = _method_from_file(path, weights_name)
+        method.check_extract_options(options)
         suffix = "+ms" if options.get("multiscale") else ""
         # the method's resolved parameters are part of the key: defaults of the code can change
         key = make_cache_key("checkpoint", file_digest(path), method.params, options)

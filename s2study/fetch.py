@@ -48,9 +48,29 @@ def train_needs(train: dict[str, Any]) -> set[Need]:
     data, method, mirror = train.get("data") or {}, train.get("method") or {}, train.get("mirror")
     if data.get("dataset") in resolver.DATASETS:
         needs.add(Need("dataset", data["dataset"], data.get("root"), mirror))
-    if resolver.is_weights_name(method.get("weights")):
-        needs.add(Need("weights", resolver.weights_entry(method["weights"]).name, mirror=mirror))
+    weights = method.get("weights") if method.get("weights") is not None else _default_weights(method)
+    if resolver.is_weights_name(weights):
+        needs.add(Need("weights", resolver.weights_entry(weights).name, mirror=mirror))
     return needs
+
+
+def _default_weights(method: dict[str, Any]) -> str | None:
+    """The weights a method starts from when the config names none (``Method.default_weights``:
+    ALIKED's official file of its ``model_name``); None where the method has none or the
+    config is invalid (its validation says why)."""
+    if not isinstance(method.get("name"), str):
+        return None
+    from s2study.errors import ConfigError
+    from s2study.methods import load_methods
+
+    methods = load_methods()
+    if method["name"] not in methods:
+        return None
+    cls = methods.get(method["name"])
+    try:
+        return cls.default_weights(cls.validate_params(dict(method.get("params") or {})))
+    except (ConfigError, TypeError, ValueError):
+        return None
 
 
 def study_needs(cfg: Any) -> set[Need]:

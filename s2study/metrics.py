@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from s2study.features import Features
 from s2study.geometry import sample_flow
-from s2study.methods.base import Keypoints
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(float(t) for t in range(1, 11))
 DEFAULT_THRESHOLD = 3.0
@@ -196,8 +196,8 @@ class PairMetrics:
 
 
 def pair_metrics(
-    kp_a: Keypoints,
-    kp_b: Keypoints,
+    kp_a: Features,
+    kp_b: Features,
     flow: Tensor,
     valid: Tensor,
     k: int,

@@ -23,7 +23,6 @@ from typing import Any
 
 from s2study.errors import ConfigError
 
-METHOD_LABELS = {"r2d2": "R2D2", "d2net": "D2-Net"}
 DATASET_LABELS = {"roadscene": "RoadScene", "rgbnir": "RGB-NIR"}
 _EVAL_KEY = re.compile(r"^eval/(?P<m>nc|ncm|cmr|rep)(?:_(?P<t>[\d.]+px))?_k(?P<k>\d+)$")
 
@@ -60,9 +59,22 @@ def format_trials(rows: list[dict[str, Any]], metric: str) -> str:
                                 for i, r in enumerate(rows, 1)])
 
 
+def method_labels() -> dict[str, str]:
+    """Method name -> report label, read from the method classes (``Method.label``)."""
+    from s2study.methods import load_methods
+
+    return {name: cls.label for name, cls in load_methods().items()}
+
+
+def _label(method: str) -> str:
+    """The label of a method (its name where no installed class has it, e.g. a plug-in
+    that this machine lacks)."""
+    return method_labels().get(method, method)
+
+
 def method_label(method: str, lambda_ssl: float | None) -> str:
     """``R2D2`` for lambda = 0 (the method's own loss), ``R2D2+SSL (λ=0.4)`` otherwise."""
-    name = METHOD_LABELS.get(method, method)
+    name = _label(method)
     if lambda_ssl is None or lambda_ssl == 0:
         return name
     return f"{name}+SSL (λ={lambda_ssl:.3g})"
@@ -122,7 +134,7 @@ def lambda_curves(evaluated: list[dict[str, Any]], metric: str = "ncm") -> dict[
     for e in evaluated:
         if e.get("lambda_ssl") is None:
             continue
-        name = f"{METHOD_LABELS.get(e['method'], e['method'])} {DATASET_LABELS.get(e['dataset'], e['dataset'])}"
+        name = f"{_label(e['method'])} {DATASET_LABELS.get(e['dataset'], e['dataset'])}"
         for key, value in e["metrics"].items():
             m = _EVAL_KEY.match(key)
             if m and m["m"] == metric:

@@ -733,7 +733,7 @@ def test_checkpoint_naming_an_unknown_method(capsys, cwd, tmp_path, one_pair, re
     torch.save(data, path)
     assert_user_error(
         eval_checkpoint(capsys, path, one_pair, cwd / "out"),
-        f"{path}: unknown method 'r2d3' (did you mean 'r2d2'?); known: d2net, r2d2",
+        f"{path}: unknown method 'r2d3' (did you mean 'r2d2'?); known: aliked, d2net, r2d2",
     )
     assert_nothing_created(cwd)
 

@@ -16,7 +16,7 @@ from s2study.config.load import (
 )
 from s2study.errors import ConfigError
 
-PRESETS = ["d2net-rgbnir", "d2net-roadscene", "r2d2-rgbnir", "r2d2-roadscene"]
+PRESETS = ["aliked-rgbnir", "aliked-roadscene", "d2net-rgbnir", "d2net-roadscene", "r2d2-rgbnir", "r2d2-roadscene"]
 
 
 def test_presets_are_shipped_and_load():
@@ -68,7 +68,7 @@ def test_bad_values_name_the_key(data, message):
 
 
 def test_unknown_preset_lists_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown preset 'r2d2-roadscen' \(did you mean 'r2d2-roadscene'\?\); known: d2net-rgbnir"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'r2d2-roadscen' \(did you mean 'r2d2-roadscene'\?\); known: aliked-rgbnir, aliked-roadscene, d2net-rgbnir"):
         load_train_config("r2d2-roadscen")
 
 

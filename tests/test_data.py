@@ -136,16 +136,62 @@ def test_max_size_keeps_ground_truth(tmp_path):
 # ----------------------------------------------------------------------------- RGB-NIR
 
 
-def test_rgbnir_real_index_split(rgbnir):
+#: the shared country category's test split under the fixed seed: a changed rule or seed
+#: (which would move every machine's test pairs) shows here
+COUNTRY_TEST = [f"country/{i:04d}" for i in (
+    2, 3, 5, 7, 9, 11, 13, 15, 16, 17, 23, 30, 31, 36, 39, 40, 42, 45, 70)]
+
+
+def test_rgbnir_real_splits(rgbnir):
+    """The paper's rule on the shared category (52 pairs): 19 seeded-random test pairs, then
+    every 5th of the other 33 for val (7) and the rest for train (26); disjoint, and the same
+    from the category folder and from the root holding it."""
     country = rgbnir / "country"
-    val, train = RGBNIR(country, "val"), RGBNIR(country, "train")
-    n = len(list(country.glob("*_rgb.*")))
-    assert len(val) + len(train) == n and len(val) == (n + 4) // 5
-    assert val.ids[:2] == ["country/0000", "country/0005"]
-    assert RGBNIR(country, "test").ids == val.ids
-    assert RGBNIR(rgbnir, "val").ids == val.ids  # root holding categories
-    s = val[0]
+    test, val, train = (RGBNIR(country, split) for split in ("test", "val", "train"))
+    every = RGBNIR(country, "all").ids
+    assert len(every) == len(list(country.glob("*_rgb.*"))) == 52
+    assert (len(test), len(val), len(train)) == (19, 7, 26)
+    assert test.ids == COUNTRY_TEST
+    assert not (set(test.ids) & set(val.ids) or set(test.ids) & set(train.ids)
+                or set(val.ids) & set(train.ids))
+    assert sorted(test.ids + val.ids + train.ids) == every
+    rest = [i for i in every if i not in set(test.ids)]
+    assert val.ids == rest[::5] and val.ids[:2] == ["country/0000", "country/0010"]
+    for split, ds in (("test", test), ("val", val), ("train", train)):
+        assert RGBNIR(rgbnir, split).ids == ds.ids  # root holding categories
+    s = test[0]
     assert (s.modality_a, s.modality_b) == ("vis", "nir") and s.image_a.shape == s.image_b.shape
+
+
+def _fake_rgbnir(root: Path, counts: dict[str, int]) -> Path:
+    for cat, n in counts.items():
+        for i in range(n):
+            write(root / cat / f"{i:04d}_rgb.png", texture(8, 8, i))
+            write(root / cat / f"{i:04d}_nir.png", texture(8, 8, i)[..., 0])
+    return root
+
+
+def test_rgbnir_rule_for_added_categories(tmp_path):
+    """Any category follows the rule: 19 test pairs (at most half the category), every 5th of
+    the others val, the rest train; the draw depends on the pair ids only."""
+    root = _fake_rgbnir(tmp_path / "RGB-NIR", {"big": 45, "small": 10})
+    ids = {split: RGBNIR(root, split).ids for split in ("test", "val", "train", "all")}
+    for cat, sizes in (("big", (19, 6, 20)), ("small", (5, 1, 4))):
+        got = tuple(sum(i.startswith(cat + "/") for i in ids[split]) for split in ("test", "val", "train"))
+        assert got == sizes, (cat, got)
+    assert sorted(ids["test"] + ids["val"] + ids["train"]) == ids["all"]
+    assert len(set(ids["test"] + ids["val"] + ids["train"])) == 55
+    # a category opened on its own draws the same pairs as inside the root
+    assert RGBNIR(root / "big", "test").ids == [i for i in ids["test"] if i.startswith("big/")]
+    # adding a pair to a category moves at most one pair of its test split
+    _fake_rgbnir(root, {"big": 46})
+    grown = RGBNIR(root / "big", "test").ids
+    assert len(grown) == 19 and len(set(grown) - set(ids["test"])) <= 1
+    (root / "splits").mkdir()
+    (root / "splits" / "test.txt").write_text("small/0003\n")
+    assert RGBNIR(root, "test").ids == ["small/0003"]
+    with pytest.raises(DataError, match="unknown split 'tset'"):
+        RGBNIR(root, "tset")
 
 
 def test_rgbnir_tiff_categories_and_missing_partner(tmp_path):
@@ -153,9 +199,11 @@ def test_rgbnir_tiff_categories_and_missing_partner(tmp_path):
         for i in range(3):
             write(tmp_path / cat / f"{i:04d}_rgb.tiff", texture(40, 50, i))
             write(tmp_path / cat / f"{i:04d}_nir.tiff", texture(40, 50, i)[..., 0])
-    ds = RGBNIR(tmp_path, "train")
-    assert ds.ids == ["field/0001", "field/0002", "water/0001", "water/0002"]
+    ds = RGBNIR(tmp_path, "all")
+    assert ds.ids == [f"{c}/{i:04d}" for c in ("field", "water") for i in range(3)]
     assert ds[0].image_a.shape == (40, 50, 3)
+    # three pairs per category: one test pair, then one val and one train pair
+    assert [len(RGBNIR(tmp_path, split)) for split in ("test", "val", "train")] == [2, 2, 2]
     (tmp_path / "water" / "0002_nir.tiff").unlink()
     with pytest.raises(DataError, match="0002_rgb.tiff has no near-infrared partner"):
         RGBNIR(tmp_path, "train")
@@ -172,6 +220,9 @@ def test_folder_layouts_and_transforms(tmp_path):
     np.save(sub / "q.npy", np.array([[1.0, 0, 5], [0, 1, -2]]))  # 2x3 affine
     ds = FolderPairs(sub, "all")
     assert ds.ids == ["p", "q"]
+    # the folder rule: every 5th pair is val, and test is val (no categories to draw from)
+    assert FolderPairs(sub, "val").ids == FolderPairs(sub, "test").ids == ["p"]
+    assert FolderPairs(sub, "train").ids == ["q"]
     np.testing.assert_allclose(ds[1].homography, [[1, 0, 5], [0, 1, -2], [0, 0, 1]])
     np.testing.assert_allclose(ds[0].homography, np.eye(3))
     np.save(sub / "q.npy", np.zeros((3, 3)))
@@ -269,6 +320,62 @@ def test_sl_geometry_exact_on_identical_content(val_samples):
     b = batch_of(same, seed=2, crop=128, sl=sl, ssl_vis=False, ssl_ir=False)
     err = masked_mean((resample(b.images_b, b.flow) - b.images_a).abs().mean(1), b.valid)
     assert (err < 0.03).all(), err
+
+
+def _flow_jacobian(flow: torch.Tensor) -> torch.Tensor:
+    """(N, 2, 2) mean Jacobian of flows (N, C, C, 2): columns d flow / dx, d flow / dy."""
+    dx = (flow[:, :, 1:] - flow[:, :, :-1]).mean((1, 2))
+    dy = (flow[:, 1:] - flow[:, :-1]).mean((1, 2))
+    return torch.stack([dx, dy], -1)
+
+
+def _identify_turn(crop: np.ndarray, source: np.ndarray) -> tuple[bool, int]:
+    """(flipped, k) such that ``crop`` is a crop of ``source`` flipped, then turned k quarters
+    clockwise: the one of the eight candidates holding ``crop`` exactly (to float rounding)."""
+    found = []
+    for flipped in (False, True):
+        for k in range(4):
+            candidate = np.ascontiguousarray(np.rot90(source[:, ::-1] if flipped else source, -k))
+            sq = cv2.matchTemplate(candidate, crop, cv2.TM_SQDIFF)
+            y, x = np.unravel_index(sq.argmin(), sq.shape)
+            window = candidate[y:y + crop.shape[0], x:x + crop.shape[1]]
+            if np.abs(window - crop).max() < 0.1:  # gray levels
+                found.append((flipped, k))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_sl_rot90_turns_the_pair_jointly():
+    """Known answer. B = A (a synthetic texture), offsets of rotation and scale only. The 90-
+    degree turns must rotate both images: crop A is an exact crop of A flipped and turned by
+    90, 180 or 270 degrees (each occurs, with rot90_prob 1, for these fixed seeds); the flow,
+    an affine map here, is the offset's alone, so its Jacobian is the same as for the same
+    seed without turns, a rotation of at most 10 degrees and a scale in [1, 1.2]; and B
+    sampled at the flow reproduces A (the warp check)."""
+    source = texture(160, 160, 7)  # square, so the offset's matrix is the same for every turn
+    same = [PairSample(source, source) for _ in range(6)]
+    turned = SLAugmentConfig(noise_std=0, blur_sigma=0, perspective=0, flip_prob=0.5, rot90_prob=1.0)
+    upright = SLAugmentConfig(noise_std=0, blur_sigma=0, perspective=0, flip_prob=0.5, rot90_prob=0.0)
+    turns, flips = [], []
+    for seed in (0, 1):
+        b = batch_of(same, seed=seed, crop=64, sl=turned, ssl_vis=False, ssl_ir=False)
+        ref = batch_of(same, seed=seed, crop=64, sl=upright, ssl_vis=False, ssl_ir=False)
+        for i in range(len(same)):
+            crop = (b.images_a[i].permute(1, 2, 0).numpy() * 255).astype(np.float32)
+            flipped, k = _identify_turn(crop, source.astype(np.float32))
+            turns.append(k)
+            flips.append(flipped)
+            ref_crop = (ref.images_a[i].permute(1, 2, 0).numpy() * 255).astype(np.float32)
+            assert _identify_turn(ref_crop, source.astype(np.float32)) == (flipped, 0)
+        jac, ref_jac = _flow_jacobian(b.flow), _flow_jacobian(ref.flow)
+        assert (jac - ref_jac).abs().max() < 1e-3, (jac, ref_jac)
+        angle = torch.rad2deg(torch.atan2(jac[:, 1, 0], jac[:, 0, 0]))
+        scale = torch.linalg.det(jac).sqrt()
+        assert angle.abs().max() <= 10 + 1e-2, angle
+        assert (scale >= 1 - 1e-3).all() and (scale <= 1.2 + 1e-3).all(), scale
+        err = masked_mean((resample(b.images_b, b.flow) - b.images_a).abs().mean(1), b.valid)
+        assert (b.valid.float().mean((1, 2)) > 0.5).all() and (err < 0.03).all(), err
+    assert set(turns) == {1, 2, 3} and set(flips) == {False, True}, (turns, flips)
 
 
 def _edge_ncc(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

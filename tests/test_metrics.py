@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from s2study.features import Features
 from s2study.geometry import flow_from_homography, identity_flow
-from s2study.methods.base import Keypoints
 from s2study.metrics import (
     MeanMetrics,
     has_neighbour,
@@ -115,9 +115,9 @@ def one_hot(indices: list[int], dim: int = 8) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(indices), dim).float()
 
 
-def keypoints(xy: list[tuple[float, float]], desc: torch.Tensor) -> Keypoints:
+def keypoints(xy: list[tuple[float, float]], desc: torch.Tensor) -> Features:
     n = len(xy)
-    return Keypoints(
+    return Features(
         torch.tensor(xy, dtype=torch.float32).reshape(n, 2),
         torch.linspace(1.0, 0.1, n) if n else torch.zeros(0),
         desc,
@@ -224,8 +224,8 @@ def test_pair_metrics_against_reference(seed, k):
     desc = integer_descriptors(rng, n, 6, 2)
     xy_b = xy + h[:2, 2].astype(np.float32) + rng.normal(0, 2.5, size=(n, 2)).astype(np.float32)
     desc_b = desc + rng.integers(-1, 2, size=desc.shape).astype(np.float32)
-    kp_a = Keypoints(torch.from_numpy(xy), torch.linspace(1, 0, n), torch.from_numpy(desc))
-    kp_b = Keypoints(torch.from_numpy(xy_b), torch.linspace(1, 0, n), torch.from_numpy(desc_b))
+    kp_a = Features(torch.from_numpy(xy), torch.linspace(1, 0, n), torch.from_numpy(desc))
+    kp_b = Features(torch.from_numpy(xy_b), torch.linspace(1, 0, n), torch.from_numpy(desc_b))
     m = pair_metrics(kp_a, kp_b, flow, valid, k=k)
     nc, ncm = reference_pair_metrics(kp_a, kp_b, h, k, 3.0)
     assert (m.nc, m.ncm) == (nc, ncm)

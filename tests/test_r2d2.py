@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import s2study
+from s2study.checkpoint import safe_torch_load
 from s2study.errors import CheckpointError, ConfigError
 from s2study.geometry import flow_from_homography, identity_flow
 from s2study.methods import METHODS
@@ -175,7 +176,7 @@ def test_every_official_file_loads_strictly_and_extracts(roadscene, name, arch):
     """Every official checkpoint: every key and shape, through both entry points, and
     K keypoints inside a real thermal image (329 x 500: an odd height for the Fast net)."""
     path = official_file(name)
-    raw = torch.load(path, map_location="cpu", weights_only=True)  # faster2d2: defaultdicts
+    raw = safe_torch_load(path)  # faster2d2: defaultdicts, which torch's own weights_only refuses
     assert is_official_checkpoint(raw)
     net = R2D2.from_official_checkpoint(path).eval()
     assert {k: net.params[k] for k in arch} == arch
@@ -405,9 +406,7 @@ def test_fast_network_matches_the_official_op_order(fast_path, fast_net, size, f
     at an odd size the maps are full size (the official ones would be 64 x 96)."""
     state = {
         k.removeprefix("module."): v
-        for k, v in torch.load(fast_path, map_location="cpu", weights_only=True)[
-            "state_dict"
-        ].items()
+        for k, v in safe_torch_load(fast_path)["state_dict"].items()
     }
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, *size, generator=gen)

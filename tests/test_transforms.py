@@ -18,8 +18,11 @@ from s2study.data.transforms import (
     flip_matrices,
     photometric_sl,
     photometric_ssl,
+    random_quarter_turns,
     random_sl_offsets,
     random_ssl_homographies,
+    rot90_matrices,
+    rotated_sizes,
 )
 from s2study.geometry import warp_points
 
@@ -134,19 +137,51 @@ def test_corner_jitter_matches_kornia_solve():
     assert close(hs / hs[:, 2:, 2:], ref / ref[:, 2:, 2:], atol=1e-4)
 
 
-def test_sl_rot90_and_flips():
-    gen = torch.Generator().manual_seed(4)
-    cfg = SLAugmentConfig(rotation_deg=0, scale=(1, 1), perspective=0, rot90_prob=1.0)
-    angle, _ = _decompose(random_sl_offsets(300, H, W, cfg, gen))
-    quarters = torch.round(angle / 90).remainder(4)
-    assert set(quarters.tolist()) == {1.0, 2.0, 3.0}
-    assert torch.allclose(angle, torch.round(angle / 90) * 90, atol=1e-3)
-    none = SLAugmentConfig(rotation_deg=0, scale=(1, 1), perspective=0, rot90_prob=0.0)
-    assert close(random_sl_offsets(5, H, W, none, gen), torch.eye(3).expand(5, 3, 3))
+def test_sl_offsets_and_flips():
+    """The offset is a small rotation only (the 90-degree turns rotate the whole pair, not
+    the infrared image), and ``rot90_prob`` does not change it."""
+    cfg = SLAugmentConfig(rotation_deg=10, scale=(1, 1), perspective=0, rot90_prob=1.0)
+    hs = random_sl_offsets(300, H, W, cfg, torch.Generator().manual_seed(4))
+    angle, _ = _decompose(hs)
+    assert angle.abs().max() <= 10 + 1e-3 and angle.abs().max() > 9
+    upright = SLAugmentConfig(rotation_deg=10, scale=(1, 1), perspective=0, rot90_prob=0.0)
+    assert torch.equal(hs, random_sl_offsets(300, H, W, upright, torch.Generator().manual_seed(4)))
+    none = SLAugmentConfig(rotation_deg=0, scale=(1, 1), perspective=0)
+    assert close(random_sl_offsets(5, H, W, none, torch.Generator()), torch.eye(3).expand(5, 3, 3))
     f = flip_matrices(torch.tensor([True, False]), torch.tensor([10.0, 10.0]))
     pts = torch.tensor([[0.0, 3.0], [9.0, 4.0]])
     assert close(warp_points(f[0], pts), torch.tensor([[9.0, 3.0], [0.0, 4.0]]))
     assert close(warp_points(f[1], pts), pts)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_quarter_turns_with_probability_one_take_each_turn(seed):
+    turns = random_quarter_turns(300, 1.0, torch.Generator().manual_seed(seed))
+    assert turns.dtype == torch.int64 and turns.shape == (300,)
+    counts = torch.bincount(turns, minlength=4)
+    assert counts[0] == 0 and (counts[1:] > 70).all(), counts  # about 100 each
+    none = random_quarter_turns(300, 0.0, torch.Generator().manual_seed(seed))
+    assert (none == 0).all()
+    half = random_quarter_turns(600, 0.5, torch.Generator().manual_seed(seed))
+    assert 240 < int((half == 0).sum()) < 360
+
+
+def test_rot90_matrices_are_torch_rot90():
+    """Warping with the quarter-turn homography onto the rotated canvas gives exactly
+    ``torch.rot90(image, -k)`` (k turns clockwise on screen), for a non-square image."""
+    image = torch.rand(1, 2, H, W, generator=torch.Generator().manual_seed(0))
+    quarter = torch.arange(4)
+    m = rot90_matrices(quarter, torch.full((4,), float(H)), torch.full((4,), float(W)))
+    sizes = rotated_sizes(quarter, torch.tensor([[float(H), float(W)]]).expand(4, 2))
+    for k in range(4):
+        h, w = (int(v) for v in sizes[k])
+        assert (h, w) == ((W, H) if k % 2 else (H, W))
+        out = warp_perspective(image, m[k:k + 1], (h, w), align_corners=True)
+        assert close(out, torch.rot90(image, -k, (-2, -1)), atol=1e-4), k  # float32 warp
+    # k = 1 sends the point right of the centre below it, as similarity_about's +90 degrees
+    centre = torch.tensor([[(W - 1) / 2, (H - 1) / 2]])
+    right = warp_points(m[1], centre + torch.tensor([[5.0, 0.0]]))
+    assert close(right - warp_points(m[1], centre), torch.tensor([[0.0, 5.0]]))
 
 
 def test_same_seed_same_transforms():

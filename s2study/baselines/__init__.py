@@ -8,23 +8,25 @@ entry that explains this when asked for.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable
 
 from s2study.features import Extractor
 from s2study.registry import Registry
 
 BASELINES: Registry[Callable[..., Extractor]] = Registry("baseline")
-
-#: modules that register baselines, imported on first use (keeps ``import s2study`` light)
-_MODULES = ("s2study.baselines.sift", "s2study.baselines.rift", "s2study.baselines.reserved")
+_loaded = False
 
 
 def load_baselines() -> Registry[Callable[..., Extractor]]:
-    """Import every baseline module once and return the registry."""
-    for module in _MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # a baseline still being written
-            if exc.name != module:
-                raise
+    """Import every module of this package once (each registers its baselines with
+    ``@BASELINES.register(name)``; a new module is found without being listed) and return
+    the registry. The modules are imported on first use, which keeps ``import s2study`` light.
+    """
+    global _loaded
+    if not _loaded:
+        for info in pkgutil.iter_modules(__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{info.name}")
+        _loaded = True
     return BASELINES

@@ -11,11 +11,12 @@ from s2study.errors import ConfigError
 from s2study.features import Extractor
 
 HOW_TO_ADD = (
-    "To add a method, write a module that registers a factory returning an extractor "
-    "(callable (image uint8 HxW or HxWx3, max_keypoints) -> s2study.features.Features, with "
-    '`name` and `cache_key` attributes) via `@BASELINES.register("<name>")` from '
-    "s2study.baselines, and list that module in s2study.baselines._MODULES; a trainable "
-    "network subclasses s2study.methods.base.Method and registers in METHODS instead."
+    "To add an evaluation-only method, write a module in s2study/baselines/ that registers a "
+    "factory returning an extractor (callable (image uint8 HxW or HxWx3, max_keypoints) -> "
+    "s2study.features.Features, with `name` and `cache_key` attributes) via "
+    '`@BASELINES.register("<name>")` from s2study.baselines; a trainable network subclasses '
+    "s2study.methods.Method, in a module of s2study/methods/ or in a plug-in package declaring "
+    "the entry point group s2study.methods (see s2study.methods)."
 )
 
 

@@ -18,8 +18,13 @@ import numpy as np
 
 from s2study.baselines import BASELINES
 from s2study.errors import ConfigError
-from s2study.extractor import as_rgb_uint8, check_max_keypoints, finalize_features, make_cache_key
-from s2study.features import Features
+from s2study.features import (
+    Features,
+    as_rgb_uint8,
+    check_max_keypoints,
+    finalize_features,
+    make_cache_key,
+)
 from s2study.registry import unknown_name_message
 
 

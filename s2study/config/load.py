@@ -47,9 +47,21 @@ def load_yaml_text(text: str) -> Any:
     return yaml.load(text, Loader=YamlLoader)
 
 
+def preset_paths() -> dict[str, Path]:
+    """Preset name -> file: those shipped with the package (``s2study/presets/``), then those
+    of plug-in methods (``<method>-*.yaml`` beside the plug-in's module; see
+    :meth:`s2study.methods.base.Method.preset_paths`), found without importing them."""
+    from s2study.registry import plugin_preset_paths
+
+    found = {p.stem: p for p in sorted(PRESET_DIR.glob("*.yaml"))}
+    for name, path in plugin_preset_paths().items():
+        found.setdefault(name, path)
+    return found
+
+
 def preset_names() -> list[str]:
-    """Names of the presets shipped with the package (``r2d2-roadscene``, ...)."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """Names of the presets (``r2d2-roadscene``, ...; plug-in methods' included)."""
+    return sorted(preset_paths())
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -82,6 +94,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if _is_file(preset):
         return preset
+    plugin = preset_paths().get(name_or_path)
+    if plugin is not None and _is_file(plugin):
+        return plugin
     if path.suffix in (".yaml", ".yml") or "/" in name_or_path:
         raise ConfigError(f"{name_or_path}: no such file")
     raise ConfigError(unknown_name_message("preset", name_or_path, preset_names()))
@@ -238,61 +253,26 @@ def check_dataset(cfg: TrainConfig, source: str) -> None:
 
 def check_method(cfg: TrainConfig, source: str) -> None:
     """The method exists, every ``method.params`` key is one of its parameters and the
-    method accepts every value (checked without building the network)."""
+    method accepts every value (checked by the method class, without building the network)."""
     from s2study.methods import load_methods
 
     methods = load_methods()
     if cfg.method.name not in methods:
         msg = unknown_name_message("method", cfg.method.name, methods.names())
         raise ConfigError(f"{source}: method.name: {msg}")
-    allowed = sorted(methods.get(cfg.method.name).default_params)
-    for key in cfg.method.params:
-        if key not in allowed:
-            msg = unknown_name_message(f"parameter of method {cfg.method.name!r}", key, allowed)
-            raise ConfigError(f"{source}: method.params.{key}: {msg}")
     _check_param_values(methods.get(cfg.method.name), dict(cfg.method.params), source)
 
 
-def _param_kind(default: Any) -> tuple[tuple[type, ...], str] | None:
-    """The value types a parameter with this default takes, and their name (None: any)."""
-    if isinstance(default, bool):
-        return (bool,), "true/false"
-    if isinstance(default, (int, float)):
-        return (int, float), "a number"
-    if isinstance(default, str):
-        return (str,), "a string"
-    if isinstance(default, (list, tuple)):
-        return (list, tuple), "a list"
-    return None
-
-
 def _check_param_values(cls: Any, params: dict[str, Any], source: str) -> None:
-    """Type-check ``params`` against the method's defaults, then run its own validator.
+    """``cls.validate_params(params)`` (:class:`~s2study.methods.base.Method`), its
+    rejection re-worded as ``<source>: method.params.<key>: <what is wrong>``."""
+    from s2study.methods import ParamError
 
-    The validator (``cls._validate_params``) only reads ``self.params`` and
-    ``self.default_params``, so it runs on a plain namespace instead of a built network.
-    """
-    for key, value in params.items():
-        kind = _param_kind(cls.default_params[key])
-        bad_type = kind is not None and (
-            not isinstance(value, kind[0]) or (bool not in kind[0] and isinstance(value, bool))
-        )
-        if bad_type or (isinstance(value, float) and not math.isfinite(value)):
-            expected = "a finite number" if not bad_type else kind[1]
-            raise ConfigError(
-                f"{source}: method.params.{key}: {value!r} is not allowed; expected {expected}"
-            )
-    validate = getattr(cls, "_validate_params", None)
-    if validate is None:
-        return
-    merged = {**cls.default_params, **params}
     try:
-        validate(types.SimpleNamespace(params=merged, default_params=cls.default_params))
+        cls.validate_params(params)
+    except ParamError as exc:
+        raise ConfigError(f"{source}: method.params.{exc.key}: {exc.detail}") from None
     except ConfigError as exc:
-        msg, prefix = str(exc), f"{cls.name}."
-        where = f"method.params.{msg[len(prefix):]}" if msg.startswith(prefix) else f"method.params: {msg}"
-        raise ConfigError(f"{source}: {where}") from None
-    except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: method.params: {exc}") from None
 
 

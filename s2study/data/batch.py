@@ -6,7 +6,9 @@ then ``B`` SSL-vis pairs (visible vs its randomly transformed copy) and ``B`` SS
 
 Every pair is described by its source images, the ground truth ``H0`` between them (the
 dataset's homography for SL, identity for SSL) and one pre-crop transform per side
-(``Pa``: a flip for SL, identity for SSL; ``Pb``: flip + offset for SL, ``Ts.Tr.Tq`` for SSL).
+(``Pa``: for SL a flip then a quarter turn, ``R F``; ``Pb``: for SL the same flip and quarter
+turn then the offset, ``O R F`` — the pair turns together, so an aligned pair stays aligned up
+to the offset ``O``; identity and ``Ts.Tr.Tq`` for SSL).
 A crop centre ``c`` is drawn in image A (the best of a few random candidates by share of valid
 correspondences); crop A is centred on ``Pa c`` and crop B on ``Pb H0 c``. Each crop is one
 bilinear sample of its source image through the composed matrix ``M = K . P`` (``K`` the crop
@@ -31,8 +33,11 @@ from s2study.data.transforms import (
     flip_matrices,
     photometric_sl,
     photometric_ssl,
+    random_quarter_turns,
     random_sl_offsets,
     random_ssl_homographies,
+    rot90_matrices,
+    rotated_sizes,
 )
 from s2study.geometry import flow_from_homography, inside_mask, pixel_grid, warp_points
 
@@ -204,7 +209,12 @@ def make_s2_batch(
     flipped = torch.rand(b, generator=generator, device=generator.device).to(dev)
     flipped = flipped < sl.flip_prob  # the whole SL pair is flipped
     flip, flip_b = flip_matrices(flipped, size_a[:, 1]), flip_matrices(flipped, size_b[:, 1])
-    offset = random_sl_offsets(b, size_b[:, 0], size_b[:, 1], sl, generator, dev)
+    # the whole SL pair turns by the same quarter (0, 90, 180, 270 degrees), after the flip
+    quarter = random_quarter_turns(b, sl.rot90_prob, generator, dev)
+    turn_a = rot90_matrices(quarter, size_a[:, 0], size_a[:, 1])
+    turn_b = rot90_matrices(quarter, size_b[:, 0], size_b[:, 1])
+    turned_b = rotated_sizes(quarter, size_b)
+    offset = random_sl_offsets(b, turned_b[:, 0], turned_b[:, 1], sl, generator, dev)
 
     # SL pairs take A from the visible and B from the infrared images (canvas 0..B-1 and
     # B..2B-1); each SSL pair takes both from one image, with H0 = Pa = identity.
@@ -217,7 +227,8 @@ def make_s2_batch(
     t = random_ssl_homographies(n_ssl, sizes[ssl_src, 0], sizes[ssl_src, 1], ssl, generator, dev)
     eye = torch.eye(3, device=dev).expand(n_ssl, 3, 3)
     src_a, src_b = torch.cat([vis, ssl_src]), torch.cat([ir, ssl_src])
-    h0, pa, pb = torch.cat([h0_sl, eye]), torch.cat([flip, eye]), torch.cat([offset @ flip_b, t])
+    pa_sl, pb_sl = turn_a @ flip, offset @ turn_b @ flip_b
+    h0, pa, pb = torch.cat([h0_sl, eye]), torch.cat([pa_sl, eye]), torch.cat([pb_sl, t])
     sa, sb = sizes[src_a], sizes[src_b]
 
     centre = _best_centres(pa, pb, h0, sa, sb, crop, generator)

@@ -23,14 +23,35 @@ Layouts and splits:
   ``<name>.npy`` or ``<name>.txt`` (3x3 homography or 2x3 affine, A -> B) in the root; without
   one the pair must be pixel-aligned.
 
-``rgbnir`` and ``folder`` split by index, deterministically: within each category (sorted by
-name) the pairs with ``index % 5 == 0`` form ``val``, the others ``train``; ``test`` is the
-same as ``val``; ``all`` is every pair. A ``splits/<split>.txt`` file in the root, when
-present, overrides this for that split.
+``rgbnir`` splits each category as the paper does (it names no pairs, only the rule: "We
+randomly select 171 images for testing (19 per scene) and train on the rest"), with a
+validation split apart from the test split, the same on every machine:
+
+- ``test``: 19 pairs per category (:data:`RGBNIR_TEST_PER_CATEGORY`; at most half of a
+  category's pairs, for a category of fewer than 38) drawn at random with a seed fixed in
+  code (:data:`RGBNIR_SPLIT_SEED`): the pairs whose SHA-256 of ``"<seed>:<category>/NNNN"``
+  ranks lowest. No Python ``hash``, numpy generator or file order enters, so the draw is the
+  same on every machine and Python, and adding a pair to a category moves at most one pair
+  of its test split.
+- ``val``: of the category's other pairs, sorted by name, every 5th (positions 0, 5, 10, ...):
+  for per-epoch validation and checkpoint choice, never trained on, never tested on.
+- ``train``: the rest.
+
+The shared ``country`` category (52 pairs) gives test 19, val 7 and train 26 pairs; the full
+dataset (477 pairs in 9 categories) 171 test pairs. Every category folder a user adds is
+split by the same rule. ``all`` is every pair.
+
+``folder`` keeps a plain index rule (it has no categories and any number of pairs): sorted by
+name, the pairs with ``index % 5 == 0`` form ``val``, the others ``train``; ``test`` is the
+same as ``val``, so give a folder a ``splits/test.txt`` to test on pairs that did not choose
+the checkpoint. ``all`` is every pair.
+
+For both, a ``splits/<split>.txt`` file in the root, when present, overrides that split.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,11 +209,15 @@ def _cap(pairs: list[PairFiles], max_pairs: int | None) -> list[PairFiles]:
     return pairs if max_pairs is None else pairs[:max_pairs]
 
 
-def index_split(names: list[str], split: str) -> list[str]:
-    """Deterministic split of sorted ``names``: ``val``/``test`` = every 5th, ``train`` = rest."""
+def _check_split(split: str) -> None:
     if split not in INDEX_SPLITS:
         raise DataError(f"unknown split {split!r}; allowed: {', '.join(INDEX_SPLITS)} "
                         "(or a splits/<split>.txt file in the dataset root)")
+
+
+def index_split(names: list[str], split: str) -> list[str]:
+    """The folder rule on sorted ``names``: ``val``/``test`` = every 5th, ``train`` = rest."""
+    _check_split(split)
     names = sorted(names)
     if split == "all":
         return names
@@ -200,12 +225,39 @@ def index_split(names: list[str], split: str) -> list[str]:
     return [n for i, n in enumerate(names) if (i % 5 == 0) == held_out]
 
 
-def _split_ids(root: Path, split: str, groups: dict[str, list[str]]) -> list[str]:
-    """Ids of ``split``: ``root/splits/<split>.txt`` if present, else :func:`index_split`."""
+#: RGB-NIR pairs per category held out for ``test`` (the paper: 19 per scene)
+RGBNIR_TEST_PER_CATEGORY = 19
+#: seed of the RGB-NIR test draw; changing it changes every machine's test split
+RGBNIR_SPLIT_SEED = 0
+
+
+def rgbnir_split(ids: list[str], split: str) -> list[str]:
+    """The RGB-NIR rule on the pair ids of one category (see the module docstring).
+
+    ``test``: the ``min(19, len(ids) // 2)`` ids whose SHA-256 of ``"<seed>:<id>"`` ranks
+    lowest; ``val``: every 5th of the other ids, sorted; ``train``: the rest; ``all``: every
+    id. Each result is sorted.
+    """
+    _check_split(split)
+    ids = sorted(ids)
+    if split == "all":
+        return ids
+    n_test = min(RGBNIR_TEST_PER_CATEGORY, len(ids) // 2)
+    ranked = sorted(ids, key=lambda i: hashlib.sha256(f"{RGBNIR_SPLIT_SEED}:{i}".encode()).digest())
+    test = set(ranked[:n_test])
+    if split == "test":
+        return [i for i in ids if i in test]
+    rest = [i for i in ids if i not in test]
+    return [i for k, i in enumerate(rest) if (k % 5 == 0) == (split == "val")]
+
+
+def _split_ids(root: Path, split: str, groups: dict[str, list[str]],
+               rule: Callable[[list[str], str], list[str]] = index_split) -> list[str]:
+    """Ids of ``split``: ``root/splits/<split>.txt`` if present, else ``rule`` per group."""
     split_file = root / "splits" / f"{split}.txt"
     if split_file.is_file():
         return _read_ids(split_file)
-    return [i for group in groups.values() for i in index_split(group, split)]
+    return [i for group in groups.values() for i in rule(group, split)]
 
 
 # ----------------------------------------------------------------------------- RoadScene
@@ -293,7 +345,8 @@ def _rgbnir_category(folder: Path) -> dict[str, PairFiles]:
 
 @DATASETS.register("rgbnir")
 class RGBNIR(FilePairDataset):
-    """RGB-NIR scene dataset visible / near-infrared pairs (pixel-aligned), split by index."""
+    """RGB-NIR scene dataset visible / near-infrared pairs (pixel-aligned), split per category:
+    19 seeded-random test pairs (as the paper), every 5th of the others val, the rest train."""
 
     def __init__(self, root: Path, split: str, max_size: int | None = None,
                  max_pairs: int | None = None) -> None:
@@ -310,7 +363,7 @@ class RGBNIR(FilePairDataset):
                             "neither directly nor in category folders")
         by_id = {p.pair_id: p for c in categories.values() for p in c.values()}
         groups = {name: [p.pair_id for p in c.values()] for name, c in categories.items()}
-        ids = _split_ids(self.root, split, groups)
+        ids = _split_ids(self.root, split, groups, rgbnir_split)
         missing = [i for i in ids if i not in by_id]
         if missing:
             raise DataError(f"RGB-NIR split {split!r} of {self.root} names pairs that are not "

@@ -4,9 +4,12 @@
   ``Ts . Tr . Tq`` is one homography per sample (:func:`random_ssl_homographies`), which gives
   the dense ground truth; the photometric part (:func:`photometric_ssl`) inverts gray values
   above a random threshold (Ti), blurs (Tb) and adds Gaussian noise (Tn), in that order.
-- SL offset (paper, section III-A): aligned pairs get a random rotation, scale and projection
-  of the infrared image (:func:`random_sl_offsets`), random flips of the whole pair
-  (:func:`flip_matrices`) and light noise and blur (:func:`photometric_sl`).
+- SL augmentation (paper, section III-A): random flips (:func:`flip_matrices`) and random
+  rotations by 90, 180 or 270 degrees (:func:`random_quarter_turns`, :func:`rot90_matrices`)
+  of the whole pair, the same for both images, so the pair stays registered; then, because
+  the datasets are pixel-aligned, an offset of the infrared image alone: a random rotation,
+  scale and projection (:func:`random_sl_offsets`); and light noise and blur of both images
+  (:func:`photometric_sl`).
 
 Homographies map pixel coordinates of the source image to the transformed image (pixel
 centres at integers, the :mod:`s2study.geometry` convention), so
@@ -147,8 +150,8 @@ def random_sl_offsets(
     """Random offsets of the infrared image of aligned SL pairs.
 
     A rotation in [-rotation_deg, rotation_deg] and a scale in ``cfg.scale`` about the image
-    centre, a corner jitter up to ``perspective`` of the size, and with probability
-    ``rot90_prob`` an extra rotation by 90, 180 or 270 degrees.
+    centre, and a corner jitter up to ``perspective`` of the size. The 90/180/270 degree
+    rotations are not part of the offset: they turn the whole pair (:func:`rot90_matrices`).
 
     Args:
         n: number of offsets.
@@ -162,13 +165,65 @@ def random_sl_offsets(
         (n, 3, 3) float32 homographies mapping the infrared image onto its offset copy.
     """
     h, w = _sizes(n, height, device), _sizes(n, width, device)
-    u = _rand((n, 12), generator, device)
+    u = _rand((n, 10), generator, device)
     center = torch.stack([(w - 1) / 2, (h - 1) / 2], -1)
-    quarter = torch.where(u[:, 10] < cfg.rot90_prob, 1 + (u[:, 11] * 3).floor().clamp(max=2), 0)
-    angle = _lerp(-1.0, 1.0, u[:, 0]) * math.radians(cfg.rotation_deg) + quarter * (math.pi / 2)
+    angle = _lerp(-1.0, 1.0, u[:, 0]) * math.radians(cfg.rotation_deg)
     rotate_scale = similarity_about(center, angle, _lerp(*cfg.scale, u[:, 1]))
     jitter = _lerp(-cfg.perspective, cfg.perspective, u[:, 2:10]).view(n, 4, 2)
     return rotate_scale @ corner_jitter(jitter, h, w)
+
+
+def random_quarter_turns(n: int, prob: float, generator: torch.Generator, device=None) -> Tensor:
+    """Random quarter turns: with probability ``prob`` 1, 2 or 3 (equally likely), else 0.
+
+    Args:
+        n: number of draws.
+        prob: probability of a turn (each of 90, 180, 270 degrees then has ``prob / 3``).
+        generator: source of randomness.
+        device: device of the result.
+
+    Returns:
+        (n,) int64 in {0, 1, 2, 3}: the rotation in multiples of 90 degrees, clockwise on
+        screen (:func:`rot90_matrices`).
+    """
+    u = _rand((n, 2), generator, device)
+    turns = 1 + (u[:, 1] * 3).floor().clamp(max=2).long()
+    return torch.where(u[:, 0] < prob, turns, 0)
+
+
+def rot90_matrices(quarter: Tensor, height: Tensor, width: Tensor) -> Tensor:
+    """Rotations of whole images by multiples of 90 degrees, as homographies.
+
+    Quarter ``k`` turns the image ``k * 90`` degrees clockwise on screen (the convention of
+    :func:`similarity_about`) onto its own rotated canvas, as ``torch.rot90(image, -k,
+    (-2, -1))`` does: k = 1 maps ``(x, y) -> (H - 1 - y, x)``, k = 2 ``(x, y) -> (W - 1 - x,
+    H - 1 - y)``, k = 3 ``(x, y) -> (y, W - 1 - x)``; the rotated image is W x H for odd k.
+    The entries are exact integers, so a warp through it copies pixels (up to float32
+    rounding in the warp).
+
+    Args:
+        quarter: (n,) integers (any, taken modulo 4).
+        height: (n,) image heights.
+        width: (n,) image widths.
+
+    Returns:
+        (n, 3, 3) float32 homographies.
+    """
+    k = quarter.long().remainder(4)
+    odd = k.remainder(2) == 1
+    cos = torch.where(odd, 0, 1 - k).float()  # 1, 0, -1, 0
+    sin = torch.where(odd, 2 - k, 0).float()  # 0, 1, 0, -1
+    w1, h1 = width.to(cos) - 1, height.to(cos) - 1
+    # translate the rotated box [0, W-1] x [0, H-1] back onto [0, .) in both coordinates
+    tx = -((cos * w1).clamp(max=0) + (-sin * h1).clamp(max=0))
+    ty = -((sin * w1).clamp(max=0) + (cos * h1).clamp(max=0))
+    return _matrices([[cos, -sin, tx], [sin, cos, ty], [0.0, 0.0, 1.0]], cos)
+
+
+def rotated_sizes(quarter: Tensor, size: Tensor) -> Tensor:
+    """(n, 2) sizes (height, width) of images of ``size`` (n, 2) after ``quarter`` turns."""
+    odd = (quarter.long().remainder(2) == 1)[:, None]
+    return torch.where(odd, size.flip(-1), size)
 
 
 def flip_matrices(flip: Tensor, width: Tensor) -> Tensor:

@@ -29,7 +29,6 @@ a safe radius, with correspondences computed from the dense absolute flow A -> B
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,8 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from s2study.checkpoint import safe_torch_load
-from s2study.errors import CheckpointError, ConfigError
-from s2study.methods.base import METHODS, DenseFeatures, Keypoints, Method
+from s2study.errors import CheckpointError
+from s2study.features import Features
+from s2study.methods.base import DenseFeatures, Method, Param
 
 log = logging.getLogger(__name__)
 
@@ -333,41 +333,55 @@ def _check_pretrained_state(state: Any, path: Path) -> dict[str, Tensor]:
     return out
 
 
-@METHODS.register("d2net")
-class D2Net(Method):
-    """D2-Net with the S2 training interface.
+def _valid_scales(scales: Any) -> bool:
+    return bool(scales) and all(
+        isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < float(s) <= 4 for s in scales
+    )
 
-    Params (``default_params``):
-        train_layers: ``"conv4_3"`` (official: only the last layer is trained), ``"all"``,
-            or any conv name (that layer and all later ones are trained).
-        margin: triplet margin M.
-        safe_radius: negatives closer than this (Chebyshev, feature-map cells) are excluded.
-        dilated_extraction: extract with the stride-4 dilated graph (official test time).
-        multiscale: extract on the image pyramid by default.
-        multiscale_scales: the pyramid scales (official: 0.5, 1, 2).
-        edge_threshold: Hessian edge ratio r of the hard detection (official: 5).
-        preprocessing: ``"torch"`` (ImageNet mean/std; torchvision VGG16 weights) or
-            ``"caffe"`` (BGR, 0-255, mean subtracted; the official D2-Net weights).
-    """
+
+class D2Net(Method):
+    """D2-Net with the S2 training interface (parameters: :attr:`default_params`)."""
 
     name = "d2net"
+    label = "D2-Net"
     default_crop = 256
+    default_lr = 1e-4
+    default_weight_decay = 1e-5
+    #: multiscale None: the ``multiscale`` parameter decides
+    extract_options: ClassVar[dict[str, Any]] = {"multiscale": None}
     default_params: ClassVar[dict[str, Any]] = {
-        "train_layers": "conv4_3",
-        "margin": 1.0,
-        "safe_radius": 4,
-        "dilated_extraction": True,
-        "multiscale": False,
-        "multiscale_scales": (0.5, 1.0, 2.0),
-        "edge_threshold": 5.0,
-        "preprocessing": "torch",
+        "train_layers": Param(
+            "conv4_3",
+            "the first VGG16 layer trained, all later ones too (official: conv4_3, the last "
+            "layer only), or 'all'",
+            choices=("all", *CONV_NAMES),
+        ),
+        "margin": Param(1.0, "triplet margin M", lambda v: v > 0, "a number > 0"),
+        "safe_radius": Param(
+            4, "negatives closer than this (Chebyshev, feature-map cells) are excluded",
+            lambda v: v >= 0, "a non-negative integer",
+        ),
+        "dilated_extraction": Param(True, "extract with the stride-4 dilated graph (official test time)"),
+        "multiscale": Param(False, "extract on the image pyramid by default"),
+        "multiscale_scales": Param(
+            (0.5, 1.0, 2.0), "the pyramid scales (official: 0.5, 1, 2)", _valid_scales,
+            "a non-empty list of scales in (0, 4]",
+        ),
+        "edge_threshold": Param(5.0, "Hessian edge ratio r of the hard detection (official: 5)",
+                                lambda v: v > 0, "a number > 0"),
+        "preprocessing": Param(
+            "torch",
+            "'torch' (ImageNet mean/std; torchvision VGG16 weights) or 'caffe' (BGR, 0-255, "
+            "mean subtracted; the official D2-Net weights)",
+            choices=("torch", "caffe"),
+        ),
     }
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        self._validate_params()
+    def _init(self) -> None:
+        p = self.params
+        p["multiscale_scales"] = tuple(sorted(float(s) for s in p["multiscale_scales"]))
         self.backbone = VGG16Conv4()
-        if self.params["preprocessing"] == "torch":
+        if p["preprocessing"] == "torch":
             mean, scale = torch.tensor(_TORCH_MEAN), 1.0 / torch.tensor(_TORCH_STD)
         else:  # caffe: BGR channel order (flipped in dense_features), 0-255, mean subtracted
             mean, scale = torch.tensor(_CAFFE_MEAN_BGR) / 255.0, torch.full((3,), 255.0)
@@ -378,32 +392,6 @@ class D2Net(Method):
             "d2net: VGG16 layers randomly initialised (until load_pretrained() or a checkpoint "
             "replaces them)"
         )
-
-    def _validate_params(self) -> None:
-        p = self.params
-        allowed = ("all", *CONV_NAMES)
-        if p["train_layers"] not in allowed:
-            raise ConfigError(
-                f"d2net.train_layers: {p['train_layers']!r} is not one of {', '.join(allowed)}"
-            )
-        if not p["margin"] > 0:
-            raise ConfigError(f"d2net.margin: must be > 0, got {p['margin']!r}")
-        if not (isinstance(p["safe_radius"], int) and p["safe_radius"] >= 0):
-            raise ConfigError(
-                f"d2net.safe_radius: a non-negative integer, got {p['safe_radius']!r}"
-            )
-        scales = p["multiscale_scales"]
-        if not (isinstance(scales, Sequence) and scales and all(0 < float(s) <= 4 for s in scales)):
-            raise ConfigError(
-                f"d2net.multiscale_scales: non-empty list of scales in (0, 4], got {scales!r}"
-            )
-        p["multiscale_scales"] = tuple(sorted(float(s) for s in scales))
-        if not p["edge_threshold"] > 0:
-            raise ConfigError(f"d2net.edge_threshold: must be > 0, got {p['edge_threshold']!r}")
-        if p["preprocessing"] not in ("torch", "caffe"):
-            raise ConfigError(
-                f"d2net.preprocessing: 'torch' or 'caffe', got {p['preprocessing']!r}"
-            )
 
     def _freeze(self) -> None:
         layers = self.params["train_layers"]
@@ -432,7 +420,7 @@ class D2Net(Method):
         # channels-last: faster convolutions, and (B, h*w, C) descriptor views without copies
         return self.backbone(x, dilated)
 
-    def forward(self, images: Tensor, dilated: bool = False) -> DenseFeatures:
+    def _forward(self, images: Tensor, dilated: bool = False) -> DenseFeatures:
         """Dense D2-Net outputs.
 
         Args:
@@ -444,8 +432,6 @@ class D2Net(Method):
             detection, sum 1 per image), ``extras["features"]`` the raw features and
             ``stride`` 8 (``h = H // 8``) or 4 (``h = H // 4 - 1``).
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"d2net: images must be (B, 3, H, W), got {tuple(images.shape)}")
         features = self.dense_features(images, dilated)
         return DenseFeatures(
             descriptors=F.normalize(features, dim=1),
@@ -454,7 +440,7 @@ class D2Net(Method):
             stride=4 if dilated else 8,
         )
 
-    def loss(
+    def _loss(
         self, out_a: DenseFeatures, out_b: DenseFeatures, flow: Tensor, valid: Tensor
     ) -> dict[str, Tensor]:
         """Score-weighted margin ranking loss over a batch of pairs.
@@ -468,17 +454,6 @@ class D2Net(Method):
             ``total`` = ``margin_ranking`` (mean over pairs that have correspondences; 0 when
             none has), ``correspondences`` (mean count per pair, detached).
         """
-        bsz = out_a.descriptors.shape[0]
-        if (
-            flow.shape[0] != bsz
-            or flow.dim() != 4
-            or flow.shape[-1] != 2
-            or valid.shape != flow.shape[:-1]
-        ):
-            raise ValueError(
-                f"d2net.loss: flow (B, H, W, 2) and valid (B, H, W) with B={bsz} expected, got "
-                f"{tuple(flow.shape)} and {tuple(valid.shape)}"
-            )
         cell_b, ok = fmap_correspondences(
             flow,
             valid,
@@ -504,10 +479,9 @@ class D2Net(Method):
             "correspondences": ok.sum(1).float().mean().detach(),
         }
 
-    @torch.no_grad()
-    def extract(
+    def _extract(
         self, image: Tensor, max_keypoints: int, multiscale: bool | None = None
-    ) -> Keypoints:
+    ) -> Features:
         """Hard-detected keypoints of one image, sorted by soft detection score.
 
         Args:
@@ -518,11 +492,9 @@ class D2Net(Method):
                 coarser level banned at finer ones); None uses ``params["multiscale"]``.
 
         Returns:
-            Keypoints: xy (N, 2) in input pixels, scores (N,) (soft detection score scaled
+            Features: keypoints (N, 2) in input pixels, scores (N,) (soft detection score scaled
             to mean 1 over its map, so levels compare), descriptors (N, 512); N <= K.
         """
-        if image.dim() != 4 or image.shape[:2] != (1, 3):
-            raise ValueError(f"d2net.extract: image must be (1, 3, H, W), got {tuple(image.shape)}")
         use_pyramid = self.params["multiscale"] if multiscale is None else multiscale
         scales = self.params["multiscale_scales"] if use_pyramid else (1.0,)
         dilated = bool(self.params["dilated_extraction"])
@@ -571,4 +543,4 @@ class D2Net(Method):
             )
         xy, scores, desc = (torch.cat(parts) for parts in zip(*found))
         order = torch.argsort(scores, descending=True)[:max_keypoints]
-        return Keypoints(xy[order].float(), scores[order].float(), desc[order].float())
+        return Features(xy[order], scores[order], desc[order])

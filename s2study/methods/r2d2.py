@@ -48,8 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from s2study.checkpoint import safe_torch_load
-from s2study.errors import CheckpointError, ConfigError
-from s2study.methods.base import METHODS, DenseFeatures, Keypoints, Method
+from s2study.errors import CheckpointError
+from s2study.features import Features
+from s2study.methods.base import DenseFeatures, Method, Param, check_shape
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -638,68 +639,98 @@ def pyramid_sizes(
     return steps
 
 
-@METHODS.register("r2d2")
+def _positive_int(doc: str, default: int) -> Param:
+    return Param(default, doc, lambda v: v > 0, "a positive integer")
+
+
+def _non_negative(doc: str, default: float) -> Param:
+    return Param(default, doc, lambda v: v >= 0, "a non-negative number")
+
+
+def _unit(doc: str, default: float) -> Param:
+    return Param(default, doc, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
 class R2D2(Method):
     """R2D2 with the official ``Quad_L2Net_ConfCFS`` (or ``Fast_Quad_L2Net_ConfCFS``) network.
 
-    Params (``default_params``):
-        dim, mchan, relu22: architecture (descriptor size, channel multiplier, ReLU after the
-            2x2 convolutions); the official checkpoints use 128, 4 (6 for ``N8_big``), False.
-        downsample_factor: 1 (default) for ``Quad_L2Net``, the full-resolution trunk; a power
-            of two >= 2 for ``Fast_Quad_L2Net`` (the official ``faster2d2`` uses 2): the
-            trunk after the third convolution runs at 1 / factor of the resolution (max-pool)
-            and is upsampled bilinearly back to the input size, so the output maps stay at
-            stride 1 (extraction on a 640x480 image about 2.5-3x faster on a 2-core CPU).
-        patch_size: N of the cosim and peaky losses.
-        ap_nq, ap_base: AP quantisation bins and the reliability loss's base AP.
-        ngh, subq, subd, pos_d, neg_d, border, subd_neg, maxpool_pos: the AP sampler
-            (official ``NghSampler2``; negative steps mean random sampling).
-        w_ap, w_cosim, w_peaky: weights of the three loss parts.
-        reliability_thr, repeatability_thr: extraction thresholds. 0 by default: keypoints are
-            the top K local maxima by score, as the evaluation protocol defines them; the
-            official extractor's 0.7 / 0.7 would leave fewer than 2048 keypoints on RoadScene's
-            thermal images, and fine-tuning shifts the score scale those values were set for.
-        scale_f, min_size, max_size, min_scale, max_scale: the multi-scale pyramid.
-        low_memory: in training, keep one activation per trunk stage for the backward (batch
-            norm saves its output, the ReLU is recomputed in the next convolution's backward):
-            the same values and gradients with about 20 % less peak memory, but 20-60 %
-            slower on CPU (benchmarks/README.md).
+    Parameters: :attr:`default_params` (each with its comment). The extraction thresholds
+    are 0 by default: keypoints are the top K local maxima by score, as the evaluation
+    protocol defines them; the official extractor's 0.7 / 0.7 would leave fewer than 2048
+    keypoints on RoadScene's thermal images, and fine-tuning shifts the score scale those
+    values were set for. ``low_memory`` gives the same values and gradients with about 20 %
+    less peak memory, but is 20-60 % slower on CPU (benchmarks/README.md).
     """
 
     name = "r2d2"
+    label = "R2D2"
     default_crop = 192
+    default_lr = 1e-4
+    default_weight_decay = 5e-4
+    extract_options: ClassVar[dict[str, Any]] = {"multiscale": False}
     default_params: ClassVar[dict[str, Any]] = {
-        "dim": 128,
-        "mchan": 4,
-        "relu22": False,
-        "downsample_factor": 1,
-        "patch_size": 16,
-        "ap_nq": 20,
-        "ap_base": 0.5,
-        "ngh": 7,
-        "subq": -8,
-        "subd": 1,
-        "pos_d": 3,
-        "neg_d": 5,
-        "border": 16,
-        "subd_neg": -8,
-        "maxpool_pos": True,
-        "w_ap": 1.0,
-        "w_cosim": 1.0,
-        "w_peaky": 1.0,
-        "reliability_thr": 0.0,
-        "repeatability_thr": 0.0,
-        "scale_f": 2**0.25,
-        "min_size": 256,
-        "max_size": 1024,
-        "min_scale": 0.0,
-        "max_scale": 1.0,
-        "low_memory": False,
+        "dim": _positive_int("descriptor size (official: 128)", 128),
+        "mchan": _positive_int("channel multiplier of the trunk (official: 4, 6 for N8_big)", 4),
+        "relu22": Param(False, "ReLU after the 2x2 convolutions (official: false)"),
+        "downsample_factor": Param(
+            1,
+            "1: Quad_L2Net, the full-resolution trunk; a power of two >= 2: Fast_Quad_L2Net "
+            "(official faster2d2: 2), the trunk after the third convolution at 1 / factor of the "
+            "resolution, upsampled back (extraction 2.5-3x faster on a 2-core CPU)",
+            lambda v: v >= 1 and v & (v - 1) == 0,
+            "1 (Quad_L2Net) or a power of two >= 2 (Fast_Quad_L2Net)",
+        ),
+        "patch_size": Param(
+            16, "N of the cosim and peaky losses", lambda v: v >= 2 and v % 2 == 0,
+            "an even integer >= 2",
+        ),
+        "ap_nq": Param(20, "AP quantisation bins", lambda v: 2 <= v <= 100, "an integer in [2, 100]"),
+        "ap_base": Param(
+            0.5, "base AP of the reliability loss", lambda v: 0 <= v < 1, "a number in [0, 1)"
+        ),
+        "ngh": _positive_int("AP sampler: radius of the neighbourhood of B searched (px)", 7),
+        "subq": Param(
+            -8, "AP sampler: query grid step (< 0: random queries, that mean spacing)",
+            lambda v: v != 0, "a non-zero integer (< 0: random queries)",
+        ),
+        "subd": _positive_int("AP sampler: step of the neighbourhood grid (px)", 1),
+        "pos_d": Param(3, "AP sampler: radius of the positives (px)", lambda v: v >= 0,
+                       "a non-negative integer"),
+        "neg_d": Param(5, "AP sampler: inner radius of the negative ring (px)"),
+        "border": Param(16, "AP sampler: border left out of the queries (px)", lambda v: v >= 0,
+                        "a non-negative integer"),
+        "subd_neg": Param(-8, "AP sampler: distractor grid step (0: none, < 0: random)"),
+        "maxpool_pos": Param(True, "AP sampler: keep only the best positive (official NghSampler2)"),
+        "w_ap": _non_negative("weight of the reliability AP loss", 1.0),
+        "w_cosim": _non_negative("weight of the cosine-similarity repeatability loss", 1.0),
+        "w_peaky": _non_negative("weight of the peakiness loss", 1.0),
+        "reliability_thr": _unit("extraction: least reliability of a keypoint (official: 0.7)", 0.0),
+        "repeatability_thr": _unit("extraction: least repeatability of a keypoint (official: 0.7)", 0.0),
+        "scale_f": Param(2**0.25, "multi-scale pyramid: scale ratio of two levels",
+                         lambda v: v > 1, "a number > 1"),
+        "min_size": _positive_int("multi-scale pyramid: smallest image side (px)", 256),
+        "max_size": _positive_int("multi-scale pyramid: largest image side (px)", 1024),
+        "min_scale": Param(0.0, "multi-scale pyramid: smallest scale", lambda v: v >= 0,
+                           "a number in [0, max_scale]"),
+        "max_scale": Param(1.0, "multi-scale pyramid: largest scale", lambda v: 0 < v <= 1,
+                           "a number in (0, 1]"),
+        "low_memory": Param(
+            False,
+            "training: keep one activation per trunk stage for the backward (batch norm saves "
+            "its output, the ReLU is recomputed in the next convolution's backward)",
+        ),
     }
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        self._validate_params()
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """The AP sampler's radii (``pos_d < neg_d <= ngh``, ``subd <= ngh``) and the
+        pyramid's scales (``min_scale <= max_scale``)."""
+        p = params
+        cls.require(p["pos_d"] < p["neg_d"] <= p["ngh"], p, "neg_d", "an integer with pos_d < neg_d <= ngh")
+        cls.require(p["subd"] <= p["ngh"], p, "subd", "an integer <= ngh")
+        cls.require(p["min_scale"] <= p["max_scale"], p, "min_scale", "a number in [0, max_scale]")
+
+    def _init(self) -> None:
         p = self.params
         self.ops, self._stages = _build_trunk(
             p["dim"], p["mchan"], p["relu22"], p["downsample_factor"]
@@ -715,68 +746,6 @@ class R2D2(Method):
         self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.to(memory_format=torch.channels_last)
 
-    def _validate_params(self) -> None:
-        p = self.params
-        unknown = sorted(set(p) - set(self.default_params))
-        if unknown:
-            raise ConfigError(
-                f"r2d2: unknown parameter(s) {', '.join(unknown)}; "
-                f"known: {', '.join(self.default_params)}"
-            )
-
-        def need(ok: bool, key: str, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"r2d2.{key}: {p[key]!r} is not allowed; expected {allowed}")
-
-        def is_int(key: str) -> bool:
-            return isinstance(p[key], int) and not isinstance(p[key], bool)
-
-        for key in ("dim", "mchan", "ngh", "subd", "min_size", "max_size"):
-            need(is_int(key) and p[key] > 0, key, "a positive integer")
-        factor = p["downsample_factor"]
-        need(
-            is_int("downsample_factor") and factor >= 1 and factor & (factor - 1) == 0,
-            "downsample_factor",
-            "1 (Quad_L2Net) or a power of two >= 2 (Fast_Quad_L2Net)",
-        )
-        for key in ("border", "pos_d"):
-            need(is_int(key) and p[key] >= 0, key, "a non-negative integer")
-        need(
-            is_int("patch_size") and p["patch_size"] >= 2 and p["patch_size"] % 2 == 0,
-            "patch_size",
-            "an even integer >= 2",
-        )
-        need(is_int("ap_nq") and 2 <= p["ap_nq"] <= 100, "ap_nq", "an integer in [2, 100]")
-        need(
-            isinstance(p["ap_base"], (int, float)) and 0 <= p["ap_base"] < 1,
-            "ap_base",
-            "a number in [0, 1)",
-        )
-        need(
-            is_int("neg_d") and p["pos_d"] < p["neg_d"] <= p["ngh"],
-            "neg_d",
-            "an integer with pos_d < neg_d <= ngh",
-        )
-        need(is_int("subq") and p["subq"] != 0, "subq", "a non-zero integer (< 0: random queries)")
-        need(is_int("subd_neg"), "subd_neg", "an integer (0: no distractors, < 0: random)")
-        need(p["subd"] <= p["ngh"], "subd", "an integer <= ngh")
-        for key in ("relu22", "maxpool_pos", "low_memory"):
-            need(isinstance(p[key], bool), key, "true or false")
-        for key in ("w_ap", "w_cosim", "w_peaky"):
-            need(isinstance(p[key], (int, float)) and p[key] >= 0, key, "a non-negative number")
-        for key in ("reliability_thr", "repeatability_thr"):
-            need(isinstance(p[key], (int, float)) and 0 <= p[key] <= 1, key, "a number in [0, 1]")
-        need(isinstance(p["scale_f"], (int, float)) and p["scale_f"] > 1, "scale_f", "a number > 1")
-        need(
-            isinstance(p["max_scale"], (int, float)) and 0 < p["max_scale"] <= 1,
-            "max_scale",
-            "a number in (0, 1]",
-        )
-        need(
-            isinstance(p["min_scale"], (int, float)) and 0 <= p["min_scale"] <= p["max_scale"],
-            "min_scale",
-            "a number in [0, max_scale]",
-        )
 
     # -- network ----------------------------------------------------------------------------
 
@@ -827,7 +796,7 @@ class R2D2(Method):
             x = F.relu(x)
         return _to_input_size(x, size)
 
-    def forward(self, images: Tensor) -> DenseFeatures:
+    def _forward(self, images: Tensor) -> DenseFeatures:
         """Dense R2D2 features.
 
         Args:
@@ -838,10 +807,6 @@ class R2D2(Method):
             scores = repeatability * reliability (B, 1, H, W), extras ``repeatability`` and
             ``reliability`` (B, 1, H, W) in [0, 1]. Maps are channels-last in memory.
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(
-                f"R2D2 expects images of shape (B, 3, H, W), got {tuple(images.shape)}"
-            )
         x = ((images - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
         x = self._trunk(x)
         sq = x.square()
@@ -909,21 +874,31 @@ class R2D2(Method):
         return read_official_checkpoint(path)[0]
 
     @classmethod
-    def from_official_checkpoint(cls, path: str | Path, **params: Any) -> R2D2:
-        """Build the network an official checkpoint describes and load its weights.
+    def recognizes(cls, obj: Any) -> bool:
+        """The official format: ``{"net": str, "state_dict": {...}}``."""
+        return is_official_checkpoint(obj)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **params: Any) -> R2D2:
+        """Build the network an official checkpoint describes and load its weights (the
+        file is read once).
 
         Args:
             path: official checkpoint file.
-            params: other hyperparameters (loss, extraction thresholds...).
+            params: other hyperparameters (loss, extraction thresholds...); the file's
+                architecture wins over architecture parameters given here.
         """
         arch, state = read_official_checkpoint(path)
         net = cls(**{**params, **arch})
         net.load_state_checked(state, str(path))
         return net
 
+    #: the name the official-checkpoint loader had before the method template
+    from_official_checkpoint = from_pretrained
+
     # -- loss -------------------------------------------------------------------------------
 
-    def loss(
+    def _loss(
         self, out_a: DenseFeatures, out_b: DenseFeatures, flow: Tensor, valid: Tensor
     ) -> dict[str, Tensor]:
         """The official ``MultiLoss``: AP reliability + cosim + peaky.
@@ -939,12 +914,8 @@ class R2D2(Method):
         """
         p = self.params
         bsz, _, height, width = out_a.descriptors.shape
-        if flow.shape != (bsz, height, width, 2) or valid.shape != (bsz, height, width):
-            raise ValueError(
-                f"flow {tuple(flow.shape)} / valid {tuple(valid.shape)} do not match features "
-                f"{tuple(out_a.descriptors.shape)}: expected ({bsz}, {height}, {width}, 2) / "
-                f"({bsz}, {height}, {width})"
-            )
+        # the maps are at the input's resolution: the ground truth must be at theirs
+        check_shape(flow, "B,H,W,2", "flow", self.name, B=bsz, H=height, W=width)
         valid, flow = valid.bool(), flow.float()
         # the small maps in float32 (under autocast they come in bf16, too coarse for flows)
         rep_a, rep_b = out_a.extras["repeatability"].float(), out_b.extras["repeatability"].float()
@@ -992,8 +963,7 @@ class R2D2(Method):
         desc = _feature_rows(out.descriptors).index_select(0, idx)
         return xy, score[idx], desc
 
-    @torch.no_grad()
-    def extract(self, image: Tensor, max_keypoints: int, multiscale: bool = False) -> Keypoints:
+    def _extract(self, image: Tensor, max_keypoints: int, multiscale: bool = False) -> Features:
         """Keypoints of one image, the official way (NMS + thresholds, score rep * rel).
 
         Args:
@@ -1003,41 +973,33 @@ class R2D2(Method):
                 ``min_scale``, ``max_scale``) and keep the top K over all scales.
 
         Returns:
-            :class:`Keypoints` sorted by decreasing score: xy (N, 2) float32 in the input's
-            pixel coordinates, scores (N,), descriptors (N, dim) L2-normalised; N <= K.
+            :class:`~s2study.features.Features` sorted by decreasing score: keypoints (N, 2)
+            in the input's pixel coordinates, scores (N,), descriptors (N, dim)
+            L2-normalised; N <= K.
         """
-        if image.dim() != 4 or image.shape[:2] != (1, 3):
-            raise ValueError(
-                f"extract expects one image of shape (1, 3, H, W), got {tuple(image.shape)}"
+        height, width = image.shape[2:]
+        p = self.params
+        steps = (
+            pyramid_sizes(
+                height,
+                width,
+                p["scale_f"],
+                p["min_size"],
+                p["max_size"],
+                p["min_scale"],
+                p["max_scale"],
             )
-        was_training = self.training
-        self.eval()
-        try:
-            height, width = image.shape[2:]
-            p = self.params
-            steps = (
-                pyramid_sizes(
-                    height,
-                    width,
-                    p["scale_f"],
-                    p["min_size"],
-                    p["max_size"],
-                    p["min_scale"],
-                    p["max_scale"],
-                )
-                if multiscale
-                else [(height, width, True)]
-            )
-            found, current = [], image
-            for h, w, use in steps:
-                if (h, w) != tuple(current.shape[2:]):
-                    current = F.interpolate(current, (h, w), mode="bilinear", align_corners=False)
-                if use:
-                    xy, scores, desc = self._detect(current, max_keypoints)
-                    scale = xy.new_tensor([width / w, height / h])
-                    found.append(((xy + 0.5) * scale - 0.5, scores, desc))
-            xy, scores, desc = (torch.cat(parts) for parts in zip(*found))
-            order = scores.topk(min(max_keypoints, scores.numel())).indices
-            return Keypoints(xy[order].float(), scores[order].float(), desc[order].float())
-        finally:
-            self.train(was_training)
+            if multiscale
+            else [(height, width, True)]
+        )
+        found, current = [], image
+        for h, w, use in steps:
+            if (h, w) != tuple(current.shape[2:]):
+                current = F.interpolate(current, (h, w), mode="bilinear", align_corners=False)
+            if use:
+                xy, scores, desc = self._detect(current, max_keypoints)
+                scale = xy.new_tensor([width / w, height / h])
+                found.append(((xy + 0.5) * scale - 0.5, scores, desc))
+        xy, scores, desc = (torch.cat(parts) for parts in zip(*found))
+        order = scores.topk(min(max_keypoints, scores.numel())).indices
+        return Features(xy[order], scores[order], desc[order])
