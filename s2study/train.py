@@ -178,14 +178,6 @@ def loader_workers(requested: int | None, device: torch.device, threads: int | N
     return max(0, min(int(threads) - 1, MAX_AUTO_WORKERS))
 
 
-def _loader_worker_init(worker_id: int) -> None:
-    # torch gives each worker one intra-op thread; OpenCV's pool would otherwise be as large
-    # as the parent's in every worker
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def _closing(bar):
     """Iterate a progress bar and close it however the loop ends (errors print on a clean line)."""
     try:
@@ -294,7 +286,6 @@ def _train(cfg: TrainConfig, *, out_dir, report, resume_from, extra, max_steps, 
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
-        worker_init_fn=_loader_worker_init if workers > 0 else None,
         generator=loader_gen,
     )
     last_path, best_path = out / "last.pt", out / "best.pt"

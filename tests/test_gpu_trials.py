@@ -32,7 +32,7 @@ from s2study.study.trainable import (
     limit_cpu_threads,
     limit_gpu_memory,
 )
-from s2study.train import MAX_AUTO_WORKERS, _loader_worker_init, loader_workers
+from s2study.train import MAX_AUTO_WORKERS, loader_workers
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
@@ -102,25 +102,6 @@ def test_trial_thread_pools_are_limited_to_its_cpu_share():
     finally:
         torch.set_num_threads(torch_before)
         cv2.setNumThreads(cv2_before)
-
-
-class _ThreadsSeen(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 2
-
-    def __getitem__(self, index: int) -> tuple[int, int]:
-        return cv2.getNumThreads(), torch.get_num_threads()
-
-
-def test_dataloader_workers_run_opencv_and_torch_single_threaded():
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(2)
-    try:
-        loader = torch.utils.data.DataLoader(_ThreadsSeen(), batch_size=None, num_workers=1,
-                                             worker_init_fn=_loader_worker_init)
-        assert [tuple(map(int, item)) for item in loader] == [(1, 1), (1, 1)]
-    finally:
-        cv2.setNumThreads(before)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -21,7 +21,8 @@ RoadScene pairs) shrunk to 3 trials asking for {cpu: 1, gpu: 0.5}.
   (``failure.max_failures``), from their last checkpoint where they had one; each trial still
   has one MLflow run with metric steps 1..n.
 
-About 2 minutes on 2 cores (three Ray nodes, an MLflow server and two small studies).
+About 3 minutes on 2 idle cores (one cluster for the module, three worker nodes in turn, an MLflow
+server and two small studies).
 """
 
 from __future__ import annotations
@@ -124,14 +125,15 @@ class IsolatedWorker:
         self.proc.wait(timeout=60)
 
 
-@pytest.fixture
-def cluster(mirror, tmp_path) -> Iterator[tuple[Cluster, list[IsolatedWorker]]]:
-    """A head node with no CPU (so no trial fits there) and one isolated GPU worker at 127.0.0.2."""
+@pytest.fixture(scope="module")
+def cluster(mirror, tmp_path_factory) -> Iterator[tuple[Cluster, list[IsolatedWorker]]]:
+    """A head node with no CPU (so no trial fits there) and one isolated GPU worker at 127.0.0.2,
+    shared by the tests of this module (the failover test, last, replaces the worker)."""
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     workers: list[IsolatedWorker] = []
     try:
         ray.init(address=c.address, logging_level="WARNING")
-        workers.append(IsolatedWorker(c.address, WORKER_IPS[0], tmp_path / "node-1", mirror.url))
+        workers.append(IsolatedWorker(c.address, WORKER_IPS[0], tmp_path_factory.mktemp("node-1"), mirror.url))
         yield c, workers
     finally:
         if ray.is_initialized():
@@ -232,6 +234,16 @@ def test_trials_run_on_the_gpu_worker_with_shared_storage_and_tracking(cluster, 
     assert mirror.gets("RoadScene.zip") >= 1 and mirror.gets("r2d2_WASF_N16.pt") >= 1
 
 
+def test_a_study_its_worker_cannot_resolve_stops_before_any_trial(cluster, tracking_uri, bucket, tmp_path):
+    cluster, _ = cluster
+    cfg = _study(tmp_path, "unresolvable", tracking_uri, "base.method.weights=r2d2_WAF_N16")  # not in the mirror
+    with pytest.raises(DataError, match=r"on worker node 127\.0\.0\.2: weights r2d2_WAF_N16 is needed but could "
+                                        r"not be fetched \(.*r2d2_WAF_N16\.pt: HTTP 404"):
+        run_study(cfg, address=cluster.address, storage_filesystem=bucket, echo=lambda line: None)
+    assert not list((tmp_path / "object-store").iterdir())  # no trial started, nothing stored
+    assert MlflowClient(tracking_uri).get_experiment_by_name("unresolvable") is None
+
+
 class _StudyThread(threading.Thread):
     """``run_study`` in the background: Ray's node processes can only be started from the main thread."""
 
@@ -266,7 +278,7 @@ def test_trials_of_a_killed_worker_resume_from_their_checkpoints_on_another(clus
         output += capsys.readouterr().out
     killed, killed_ms = reported[1], time.time() * 1000
     victim.kill()
-    workers.append(IsolatedWorker(cluster.address, WORKER_IPS[1], tmp_path / "node-2", mirror.url))
+    workers[:] = [IsolatedWorker(cluster.address, WORKER_IPS[1], tmp_path / "node-2", mirror.url)]
     study.join(timeout=400)
     assert not study.is_alive(), "the study did not finish after the worker was replaced"
     assert study.error is None, repr(study.error)
@@ -295,11 +307,3 @@ def test_trials_of_a_killed_worker_resume_from_their_checkpoints_on_another(clus
         assert _steps(client, run.info.run_id, "val_ncm") == [1, 2, 3]
         assert _steps(client, run.info.run_id, "loss/total") == [1, 2, 3]
 
-
-def test_a_study_its_worker_cannot_resolve_stops_before_any_trial(cluster, tracking_uri, bucket, tmp_path):
-    cluster, _ = cluster
-    cfg = _study(tmp_path, "unresolvable", tracking_uri, "base.method.weights=r2d2_WAF_N16")  # not in the mirror
-    with pytest.raises(DataError, match=r"on worker node 127\.0\.0\.2: weights r2d2_WAF_N16 is needed but could "
-                                        r"not be fetched \(.*r2d2_WAF_N16\.pt: HTTP 404"):
-        run_study(cfg, address=cluster.address, storage_filesystem=bucket, echo=lambda line: None)
-    assert not list((tmp_path / "object-store").iterdir())  # no trial started, nothing stored
