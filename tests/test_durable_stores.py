@@ -243,8 +243,8 @@ class OutageStudy:
 
 @pytest.fixture(scope="module")
 def outage(stack) -> OutageStudy:
-    """The smoke study (3 trials) with the MLflow server away for 30 s once a trial has reported."""
-    driver = start(stack, "--set", "trials=3", *SHRINK)
+    """The smoke study (2 trials) with the MLflow server away for 30 s once a trial has reported."""
+    driver = start(stack, "--set", "trials=2", *SHRINK)
     try:
         driver.wait_for(lambda: driver.epochs(), "a trial's first epoch")
         stack.mlflow.stop()
@@ -276,7 +276,7 @@ def test_mlflow_on_postgres_holds_the_parent_and_every_epoch_of_every_trial_once
     assert parent.data.tags["s2study.storage"] == f"{STORAGE}/smoke" and parent.data.tags["s2study.study"] == "smoke"
     tune_view = trials_table(stack, parent.info.run_id, tmp_path)
     ids = [r.data.tags["s2study.trial_id"] for r in trials]
-    assert len(ids) == len(set(ids)) == 3 and set(ids) == set(tune_view), _runs_and_output(stack, "smoke", outage.driver)
+    assert len(ids) == len(set(ids)) == 2 and set(ids) == set(tune_view), _runs_and_output(stack, "smoke", outage.driver)
     for run in trials:
         trial = tune_view[run.data.tags["s2study.trial_id"]]
         assert run.info.status == "FINISHED", (run.info.run_name, run.data.tags.get("s2study.failure_reason"))
@@ -324,7 +324,7 @@ def _one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_resume_refuses_a_store_without_the_study_and_a_changed_study(stack, outage, tmp_path):
-    common = ("--storage", STORAGE, "--set", "trials=3", *SHRINK, "--resume")
+    common = ("--storage", STORAGE, "--set", "trials=2", *SHRINK, "--resume")
     empty = _one_line_error(_cli(stack, *common, uri=f"sqlite:///{tmp_path / 'other.db'}"))
     assert "holds no run of study 'smoke'" in empty and f"{STORAGE}/smoke" in empty
 
@@ -335,10 +335,10 @@ def test_resume_refuses_a_store_without_the_study_and_a_changed_study(stack, out
     exp = tracking.ensure_experiment(lost_uri, "smoke")
     tracking.start_study_run(lost_uri, exp, "smoke", {}, tags={tracking.TAG_STORAGE: f"{STORAGE}/smoke"})
     lost = _one_line_error(_cli(stack, *common, uri=lost_uri))
-    assert "lacks the MLflow runs of 3 trial(s)" in lost
+    assert "lacks the MLflow runs of 2 trial(s)" in lost
 
-    changed = _one_line_error(_cli(stack, *common, "--set", "asha.max_epochs=3", "--set", "trials=2"))
-    assert "asha.max_epochs (2 -> 3)" in changed and "trials (3 -> 2)" in changed and "only trials may be raised" in changed
+    changed = _one_line_error(_cli(stack, *common, "--set", "asha.max_epochs=3", "--set", "trials=1"))
+    assert "asha.max_epochs (2 -> 3)" in changed and "trials (2 -> 1)" in changed and "only trials may be raised" in changed
 
     nothing = _one_line_error(_cli(stack, "--storage", f"s3://{BUCKET}/elsewhere", "--resume"))
     assert "nothing to resume at s3://bucket/elsewhere/smoke" in nothing
@@ -350,7 +350,7 @@ def test_resume_refuses_a_store_without_the_study_and_a_changed_study(stack, out
 @pytest.mark.timeout(2400)  # three drivers of one study, each starting Ray
 def test_sigterm_then_a_killed_driver_then_a_new_head_and_the_study_completes(stack, outage, tmp_path):
     name = "moving"
-    args = ("--set", f"name={name}", "--set", "trials=4", "--set", "max_concurrent=2", *SHRINK)
+    args = ("--set", f"name={name}", "--set", "trials=2", "--set", "max_concurrent=2", *SHRINK)
 
     # 1. SIGTERM (ray job stop) once a trial has reported: a clean, resumable stop
     first = start(stack, *args)
@@ -388,20 +388,20 @@ def test_sigterm_then_a_killed_driver_then_a_new_head_and_the_study_completes(st
     stack.mlflow.stop()
     stack.mlflow.start(port=free_port())
     assert stack.uri != old_uri
-    last = start(stack, *args[:2], "--set", "trials=5", *args[4:], "--resume")  # one trial more
+    last = start(stack, *args[:2], "--set", "trials=3", *args[4:], "--resume")  # one trial more
     try:
         code = last.wait()
     finally:
         kill_session(last.proc.pid)
     assert code == 0, last.output[-4000:]
     assert f"resuming study {name} (MLflow run {parent_id}; its tracking store was {old_uri})" in last.output
-    assert f"extending study {name} from 4 to 5 trials" in last.output
+    assert f"extending study {name} from 2 to 3 trials" in last.output
 
     parents, trials = experiment_runs(stack, name)
     assert [p.info.run_id for p in parents] == [parent_id] and parents[0].info.status == "FINISHED"
     tune_view = trials_table(stack, parent_id, tmp_path)
     ids = [r.data.tags["s2study.trial_id"] for r in trials]
-    assert len(ids) == len(set(ids)) == 5 and set(ids) == set(tune_view), (ids, sorted(tune_view))
+    assert len(ids) == len(set(ids)) == 3 and set(ids) == set(tune_view), (ids, sorted(tune_view))
     for run in trials:
         trial = tune_view[run.data.tags["s2study.trial_id"]]
         assert run.info.status == "FINISHED", (run.info.run_name, run.data.tags.get("s2study.failure_reason"))
@@ -414,5 +414,5 @@ def test_sigterm_then_a_killed_driver_then_a_new_head_and_the_study_completes(st
                             env=stack.env, capture_output=True, text=True, timeout=300, check=False)
     assert report.returncode == 0, report.stderr[-2000:]
     rows = [line for line in report.stdout.splitlines() if re.match(r"^\s+\d+\s+run_trial_", line)]
-    assert len(rows) == 5, report.stdout
+    assert len(rows) == 3, report.stdout
     assert "TABLE II: number of correct matches" in report.stdout

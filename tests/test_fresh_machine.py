@@ -7,7 +7,7 @@ checkout's ``../shared``, so the package cannot find it through its own location
 Datasets and weights come from a mirror on 127.0.0.1 (``S2STUDY_MIRROR``) serving the real
 files in the mirror layout, as an air-gapped site's mirror would.
 
-About 2 minutes on 2 cores (a 3-trial smoke study).
+About 2 minutes on 2 cores (a 2-trial smoke study).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_the_first_readme_command_on_a_fresh_machine(mirror, tmp_path):
     assert offline.stderr.strip().splitlines()[-1].startswith("s2study: error: weights r2d2_WASF_N16 is needed")
 
     proc = subprocess.run(
-        hidden_shared(["s2study", "run", "search_spaces/smoke.yaml", "--set", "trials=3",
+        hidden_shared(["s2study", "run", "search_spaces/smoke.yaml", "--set", "trials=2",
                        "--set", "asha.max_epochs=2"]),
         cwd=work, env=env, text=True, capture_output=True, timeout=1200, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -63,6 +63,6 @@ def test_the_first_readme_command_on_a_fresh_machine(mirror, tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("s2study.role") == "study"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and len(children) == 3
+    assert parent.info.status == "FINISHED" and len(children) == 2
     assert all(r.info.status == "FINISHED" and "val_ncm" in r.data.metrics for r in children)
     assert (work / "s2study_results" / "smoke").is_dir()
