@@ -483,7 +483,9 @@ def _add_extractor_args(p: argparse.ArgumentParser, many: bool) -> None:
         required=True,
         nargs="+" if many else None,
         metavar="PATH|NAME",
-        help="s2study checkpoint, official R2D2 checkpoint, or baseline (sift, rift)",
+        help="s2study checkpoint, official R2D2 checkpoint, weights name (r2d2_WASF_N16, aliked-n16, ...), "
+        "registered model (models:/NAME/VERSION or models:/NAME/latest, from $MLFLOW_TRACKING_URI), "
+        "or baseline (sift, rift)",
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--multiscale", action="store_true", help="extract on the image pyramid")

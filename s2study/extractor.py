@@ -193,8 +193,9 @@ def load_extractor(
     """Return ``extractor(image, max_keypoints=4096) -> Features`` (see the module docstring).
 
     Args:
-        checkpoint: path of an s2study or official R2D2 checkpoint, a weights name or a
-            baseline name.
+        checkpoint: path of an s2study or official R2D2 checkpoint, a weights name, a
+            registered model (``models:/NAME/VERSION``, ``models:/NAME/latest``, see
+            :mod:`s2study.model_registry`) or a baseline name.
         device: torch device of network methods (``cpu``, ``cuda``, ``auto``).
         multiscale: extract on the method's image pyramid (R2D2, D2-Net).
         options: further options of the method's ``extract`` (``Method.extract_options``)
@@ -209,11 +210,14 @@ def load_extractor(
     """
     if multiscale:
         options = {"multiscale": True, **options}
+    from s2study.model_registry import is_model_uri, resolve_model_uri
     from s2study.resolver import is_weights_name, resolve_weights
 
     path = Path(checkpoint).expanduser()
     weights_name = None
-    if not path.exists() and is_weights_name(str(checkpoint)):
+    if is_model_uri(str(checkpoint)):
+        path = resolve_model_uri(str(checkpoint))  # a registered model version, downloaded once
+    elif not path.exists() and is_weights_name(str(checkpoint)):
         weights_name = str(checkpoint)
         path = resolve_weights(weights_name)  # fetched into the cache on first use
     if path.is_dir():

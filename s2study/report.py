@@ -8,6 +8,8 @@
    (``R2D2`` when lambda = 0, ``R2D2+SSL (λ=0.4)`` otherwise), one column per dataset and K.
    A lambda sweep (``search_spaces/paper.yaml``) gives the paper's Fig. 3 as these rows.
 
+Between them, Optuna's parameter importances, read from the study's Optuna storage.
+
 Evaluation metrics are stored as ``eval/nc_k1024``, ``eval/ncm_3px_k1024``,
 ``eval/cmr_3px_k1024`` (MLflow does not allow ``@`` in names, so ``ncm@3px`` becomes
 ``ncm_3px``).
@@ -19,6 +21,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from s2study.errors import ConfigError
@@ -182,6 +185,9 @@ def study_report(uri: str, study_or_run: str, lambda_plot: str | None = None) ->
     head = (f"study {rec.parent.tags.get('s2study.study', rec.parent.name)} (experiment {rec.experiment}, "
             f"run {rec.parent.run_id}, {rec.parent.s2status}); {len(trials)} trials ranked by {metric} ({mode})")
     parts = [head, format_trials(rows, metric)]
+    importances = _importances(tags.get("s2study.optuna_storage", ""), tags.get("s2study.study", rec.parent.name))
+    if importances:
+        parts.append(importances)
     if evaluated:
         split = next((r.tags.get("s2study.eval_split") for r in trials if "s2study.eval_split" in r.tags), "")
         parts.append(f"evaluation ({split}):\n\n" + paper_tables(evaluated))
@@ -195,6 +201,27 @@ def study_report(uri: str, study_or_run: str, lambda_plot: str | None = None) ->
         name = rec.parent.tags.get("s2study.study", rec.parent.name)
         parts.append(f"lambda curve written to {plot_lambda_curves(curves, lambda_plot, f'{name}: NCM vs lambda')}")
     return "\n\n".join(parts)
+
+
+def _importances(storage: str, study: str) -> str:
+    """Optuna's parameter importances for the study (one line where they cannot be had)."""
+    if not storage or storage == "memory":
+        return ""
+    if "***" in storage:
+        return f"parameter importances: the Optuna storage ({storage}) needs its password; open it with optuna-dashboard"
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
+        return f"parameter importances: not available (the Optuna storage {storage} is not on this machine)"
+    from s2study.errors import EnvironmentProblem
+    from s2study.study.search import param_importances
+
+    try:
+        values = param_importances(storage, study)
+    except (EnvironmentProblem, KeyError) as exc:
+        return f"parameter importances: not available ({str(exc).strip(chr(39))})"
+    if not values:
+        return "parameter importances: fewer than two completed trials"
+    rows = [(k, v) for k, v in sorted(values.items(), key=lambda kv: -kv[1])]
+    return f"parameter importances (Optuna, {storage}):\n\n" + text_table(["parameter", "importance"], rows, 3)
 
 
 def _int(value: float | None) -> int | None:

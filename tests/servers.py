@@ -127,6 +127,28 @@ def mlflow_server(options: list[str], url: str, env: dict[str, str], cwd: Path |
         _stop(server)
 
 
+@contextmanager
+def optuna_dashboard(storage: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``optuna-dashboard STORAGE`` on a free port of 127.0.0.1 until its API answers; yields its URL."""
+    url = f"http://127.0.0.1:{free_port()}"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("optuna-dashboard")), storage, "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+         "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/api/studies", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    try:
+        _wait_until(answers, server, 120, "optuna-dashboard")
+        yield url
+    finally:
+        _stop(server)
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from servers import mlflow_server
+from servers import mlflow_server, optuna_dashboard
 
 from s2study.checkpoint import load_checkpoint
 
@@ -91,11 +91,18 @@ class Study:
         return self.client.search_runs([self.experiment_id()], f"tags.mlflow.parentRunId = '{parent}'")
 
 
+# the first trial's configuration, given in the study (``enqueue``) rather than sampled
+ENQUEUED = {"lambda_ssl": 0.4, "ssl.rotation_deg": 30.0}
+MODEL = "s2study-smoke"  # the registered model the best trial becomes a version of
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Study:
     folder = tmp_path_factory.mktemp("smoke")
-    proc = subprocess.run(_command(folder), cwd=folder, env=_env(), check=False, capture_output=True,
-                          text=True, timeout=STUDY_TIMEOUT)
+    enqueue = "enqueue=[{" + ", ".join(f"{k}: {v}" for k, v in ENQUEUED.items()) + "}]"
+    proc = subprocess.run(_command(folder, "--set", enqueue, "--set", f"register.name={MODEL}"), cwd=folder,
+                          env=_env(), check=False,
+                          capture_output=True, text=True, timeout=STUDY_TIMEOUT)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     return Study(folder, f"sqlite:///{folder / 'mlflow.db'}", output)
@@ -134,6 +141,80 @@ def test_trial_configs_came_from_the_optuna_study(smoke):
             assert float(run.data.params[key]) == pytest.approx(values[key])
         sampled[trial_id] = tuple(values[k] for k in RANGES)
     assert len(set(sampled.values())) == TRIALS  # every trial got its own values
+
+
+def _optuna_study(smoke: Study):
+    import optuna
+
+    storage = f"sqlite:///{smoke.folder / 'results' / 'smoke' / 'optuna.db'}"
+    (parent,) = smoke.parents()
+    assert parent.data.tags["s2study.optuna_storage"] == storage
+    return optuna.load_study(study_name="smoke", storage=storage)
+
+
+def test_optuna_storage_holds_each_trials_best_value_and_the_enqueued_configuration_first(smoke):
+    import optuna
+
+    study = _optuna_study(smoke)
+    assert study.user_attrs["s2study.storage"] == str(smoke.folder / "results" / "smoke")
+    assert len(study.trials) == TRIALS
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * TRIALS
+    first = min(study.trials, key=lambda t: t.number)
+    assert first.params == ENQUEUED
+    by_params = {json.dumps(json.loads(r.data.tags["s2study.sampled"]), sort_keys=True): r for r in smoke.children()}
+    below_last = 0
+    for trial in study.trials:
+        run = by_params[json.dumps(trial.params, sort_keys=True)]
+        history = [m.value for m in smoke.client.get_metric_history(run.info.run_id, "val_ncm")]
+        # what Optuna learns from is the trial's best epoch (what s2study ranks by), not its last
+        assert trial.value == max(history) == run.data.metrics["best_val_ncm"], (trial.number, history)
+        assert sorted(trial.intermediate_values) == list(range(1, len(history) + 1))
+        below_last += max(history) > history[-1]
+    print(f"{below_last} of {TRIALS} trials ended below their best epoch")
+
+
+def test_a_warm_started_study_holds_the_earlier_trials_that_fit_its_space(smoke):
+    import optuna
+
+    earlier = {t.number: t for t in _optuna_study(smoke).trials}
+    fitting = [t for t in earlier.values() if t.params["lambda_ssl"] <= 0.6]
+    assert fitting and len(fitting) < TRIALS, "the smoke study's lambdas should straddle 0.6"
+    proc = subprocess.run(_command(smoke.folder, "--set", "name=smoke-warm", "--set", "warm_start.study=smoke",
+                                   "--set", "space.lambda_ssl.high=0.6", "--set", "trials=2",
+                                   "--set", "evaluate.top_n=0"),
+                          cwd=smoke.folder, env=_env(), check=False, capture_output=True, text=True,
+                          timeout=STUDY_TIMEOUT)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert (f"warm start: {len(fitting)} trial(s) of study smoke seed the sampler (skipped "
+            f"{TRIALS - len(fitting)}: {TRIALS - len(fitting)} lambda_ssl outside this space)") in output
+    warm = optuna.load_study(study_name="smoke-warm",
+                             storage=f"sqlite:///{smoke.folder / 'results' / 'smoke-warm' / 'optuna.db'}")
+    seeded = [t for t in warm.trials if "s2study.warm_start_run" in t.user_attrs]
+    assert sorted((t.params["lambda_ssl"], t.value) for t in seeded) == sorted(
+        (t.params["lambda_ssl"], t.value) for t in fitting)
+    assert len(warm.trials) == len(fitting) + 2
+    new = [t for t in warm.trials if t not in seeded]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE and t.params["lambda_ssl"] <= 0.6 for t in new)
+
+
+def test_experiment_opens_on_the_runs_table_and_the_report_gives_importances(smoke):
+    assert smoke.client.get_experiment_by_name("smoke").tags["mlflow.experimentKind"] == "custom_model_development"
+    text = _report(smoke)
+    block = text.split("parameter importances (Optuna, ", 1)[1].split("\n\n", 2)[1]
+    names = [line.split()[0] for line in block.splitlines()[2:]]
+    assert sorted(names) == sorted(RANGES), block
+
+
+def test_optuna_dashboard_serves_the_study_with_its_importances(smoke):
+    storage = _optuna_study(smoke) and smoke.parents()[0].data.tags["s2study.optuna_storage"]
+    with optuna_dashboard(storage, _env()) as base:
+        (study,) = json.loads(_get(f"{base}/api/studies"))["study_summaries"]
+        assert study["study_name"] == "smoke" and study["directions"] == ["maximize"]
+        detail = json.loads(_get(f"{base}/api/studies/{study['study_id']}"))
+        assert len(detail["trials"]) == TRIALS
+        importances = json.loads(_get(f"{base}/api/studies/{study['study_id']}/param_importances"))
+        assert {i["name"] for i in importances["param_importances"][0]} == set(RANGES)
 
 
 def test_mlflow_holds_one_parent_and_one_child_per_trial_with_gapless_steps(smoke):
@@ -185,6 +266,45 @@ def test_each_trials_latest_checkpoint_carries_its_best_weights(smoke):
         assert load_checkpoint(latest / "checkpoint.pt")["epoch"] == len(values)
         best = load_checkpoint(latest / "best.pt")
         assert best["metrics"]["val_ncm"] == max(values) and "optimizer" not in best
+
+
+def test_the_best_trial_is_a_registered_model_version_that_loads_by_its_uri(smoke, tmp_path, monkeypatch,
+                                                                           roadscene):
+    import cv2
+    import numpy as np
+
+    from s2study import load_extractor
+
+    (parent,) = smoke.parents()
+    (version,) = smoke.client.search_model_versions(f"name = '{MODEL}'")
+    assert version.version == "1" and version.run_id == parent.data.tags["s2study.best_run_id"]
+    assert version.tags["s2study.parent_run_id"] == parent.info.run_id and version.tags["s2study.study"] == "smoke"
+    assert float(version.tags["val_ncm"]) == parent.data.metrics["best_val_ncm"]
+    assert "eval/ncm_3px_k256" in version.tags
+    assert parent.data.tags["s2study.registered_model"] == f"models:/{MODEL}/1"
+    assert f"registered run_trial_{version.tags['s2study.trial_id']} as models:/{MODEL}/1" in smoke.output
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", smoke.uri)
+    monkeypatch.setenv("S2STUDY_CACHE", str(tmp_path / "cache"))
+    file = Path(smoke.client.download_artifacts(version.run_id, "checkpoints/best.pt", str(tmp_path)))
+    image = cv2.imread(str(min((roadscene / "cropinfrared").iterdir())), cv2.IMREAD_GRAYSCALE)[:160, :160]
+    by_uri = load_extractor(f"models:/{MODEL}/1")(image, max_keypoints=256)
+    by_file = load_extractor(file)(image, max_keypoints=256)
+    assert len(by_uri.keypoints) > 0 and np.array_equal(by_uri.keypoints, by_file.keypoints)
+    assert np.array_equal(by_uri.descriptors, by_file.descriptors)
+
+    env = dict(_env(), MLFLOW_TRACKING_URI=smoke.uri, S2STUDY_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "s2study", "eval", "--checkpoint", f"models:/{MODEL}/latest",
+                           "--data", f"roadscene:{roadscene}", "--split", "val", "--max-pairs", "1", "--k", "256",
+                           "--out", str(tmp_path / "eval"), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "eval" / "eval.json").is_file()
+    missing = subprocess.run([sys.executable, "-m", "s2study", "eval", "--checkpoint", f"models:/{MODEL}/7",
+                              "--data", f"roadscene:{roadscene}", "--out", str(tmp_path / "e2")],
+                             env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith(
+        f"s2study: error: models:/{MODEL}/7: not in the model registry of {smoke.uri}"), missing.stderr[-2000:]
 
 
 def _report(study: Study) -> str:
@@ -328,6 +448,12 @@ def test_resume_after_killing_the_driver(tmp_path):
     for tid in settled:  # trials that had ended before the kill were not rerun
         assert not re.search(rf"\]\s+{tid} epoch", output), output[-3000:]
         assert _history_steps(study.client, before[tid].info.run_id, "val_ncm") == histories_before[tid]
+    # the Optuna storage: every Tune trial complete once; those lost with the driver failed
+    import optuna
+
+    states = [t.state for t in _optuna_study(study).trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == RESUME_TRIALS, states
+    assert set(states) <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL}, states
 
 
 def test_failing_trials_end_failed_with_one_run_each_on_a_non_local_filesystem(tmp_path, monkeypatch):
@@ -359,3 +485,35 @@ def test_failing_trials_end_failed_with_one_run_each_on_a_non_local_filesystem(t
     (parent,) = study.parents()
     assert parent.info.run_id == outcome.parent_run_id and parent.info.status == "FINISHED"
     assert not study.client.search_runs([study.experiment_id()], "attributes.status = 'RUNNING'")
+
+
+def test_a_wall_budget_stops_the_study_resumably_and_a_larger_one_finishes_it(tmp_path):
+    settings = ("--set", "trials=3", "--set", "base.steps_per_epoch=4")
+    first = subprocess.run(_command(tmp_path, *settings, "--set", "budget.wall=15s"), cwd=tmp_path, env=_env(),
+                           check=False, capture_output=True, text=True, timeout=STUDY_TIMEOUT)
+    output = first.stdout + first.stderr
+    assert first.returncode == 0, output[-4000:]
+    assert re.search(r"study stopped: wall budget of 15 s spent \(\d\d s\); continue it with: "
+                     r"s2study run .*smoke.yaml --resume --set budget.wall=LARGER", output), output[-3000:]
+    study = Study(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", output)
+    (parent,) = study.parents()
+    assert parent.info.status == "KILLED" and "wall budget" in parent.data.tags["s2study.failure_reason"]
+    assert parent.data.metrics["budget/wall_hours_spent"] * 3600 >= 15
+    ended = [r for r in study.children() if r.data.tags["s2study.status"] in ("finished", "stopped_early")]
+    assert len(ended) < 3
+
+    # the same budget again: nothing is left of it, refused before anything starts
+    again = subprocess.run(_command(tmp_path, *settings, "--set", "budget.wall=15s", "--resume"), cwd=tmp_path,
+                           env=_env(), check=False, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2, again.stdout[-2000:] + again.stderr[-2000:]
+    assert again.stderr.strip().splitlines()[-1].startswith("s2study: error: ") and "Traceback" not in again.stderr
+    assert "budget: the wall budget of 15 s spent" in again.stderr and "--set budget.wall=" in again.stderr
+
+    last = subprocess.run(_command(tmp_path, *settings, "--set", "budget.wall=1h", "--resume"), cwd=tmp_path,
+                          env=_env(), check=False, capture_output=True, text=True, timeout=STUDY_TIMEOUT)
+    assert last.returncode == 0, (last.stdout + last.stderr)[-4000:]
+    (parent,) = study.parents()
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["budget/wall_hours_spent"] * 3600 > 15  # counted over both attempts
+    runs = study.children()
+    assert len(runs) == 3 and all(r.data.tags["s2study.status"] in ("finished", "stopped_early") for r in runs)

@@ -37,7 +37,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except Terminated:
         print(f"s2study: stopped by SIGTERM; continue it with: s2study run {args.study} --resume", file=sys.stderr)
         return EXIT_TERMINATED
-    if outcome.interrupted:
+    if outcome.interrupted and outcome.stopped_by != "budget":  # a spent budget is a clean end
         return EXIT_TERMINATED if outcome.stopped_by == "SIGTERM" else EXIT_INTERRUPTED
     if outcome.trials and all(t.status == "failed" for t in outcome.trials):
         return EXIT_ALL_FAILED

@@ -20,6 +20,12 @@ A study file is YAML with these top-level keys (all but ``space`` optional)::
     evaluate: {top_n: 1, split: auto, ks: [1024, 2048, 4096]}   # auto: test, else val
     failure: {max_failures: 2}
     system_metrics: {interval_s: 15}   # MLflow system/* metrics per trial run; 0: off
+    optuna: {storage: postgresql://user@db/optuna}   # default: <storage>/<name>/optuna.db
+    budget: {wall: 8h, gpu_hours: 40}  # stop cleanly (resumable) once spent
+    register: {name: s2-r2d2-roadscene}  # the best checkpoint as a version of this MLflow model
+    warm_start: {study: lambda-v1}     # the sampler starts from that study's finished trials
+    enqueue:                           # configurations to run first (space keys -> values)
+      - {lambda_ssl: 0.4}
 
 ``base: r2d2-roadscene`` is shorthand for ``base: {preset: r2d2-roadscene}``. Each trial trains
 for ``asha.max_epochs`` epochs (it overrides the base's ``epochs``; default: the base's).
@@ -58,6 +64,7 @@ from s2study.registry import unknown_name_message
 from s2study.resolver import is_weights_name
 from s2study.study.space import (
     ParamSpec,
+    assignments,
     corner_cases,
     grid_size,
     grid_values,
@@ -199,6 +206,73 @@ class SystemMetricsConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """Stop the study cleanly (resumable) once spent (see :mod:`s2study.study.budget`).
+
+    ``wall``: study time over every attempt (``8h``, ``90m``, ``1h30m``, ``2d``, seconds);
+    ``gpu_hours``: the trials' training time x their GPU share, summed.
+    """
+
+    wall: Any = None
+    gpu_hours: float | None = None
+
+    def __post_init__(self) -> None:
+        from s2study.study.budget import parse_duration
+
+        if self.wall is not None:
+            try:
+                parse_duration(self.wall)
+            except ValueError as exc:
+                raise ValueError(f"wall: {exc}") from None
+        if self.gpu_hours is not None and not self.gpu_hours > 0:
+            raise ValueError(f"gpu_hours: must be > 0, got {self.gpu_hours:g}")
+
+    @property
+    def wall_s(self) -> float | None:
+        from s2study.study.budget import parse_duration
+
+        return parse_duration(self.wall) if self.wall is not None else None
+
+    @property
+    def gpu_s(self) -> float | None:
+        return self.gpu_hours * 3600 if self.gpu_hours is not None else None
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """Register the best trial's checkpoint as a new version of MLflow model ``name``
+    (:mod:`s2study.model_registry`); None: no registration."""
+
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None and not _NAME.match(str(self.name)):
+            raise ValueError(f"name: {self.name!r} is not allowed; use letters, digits, '.', '_' and '-'")
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    """Seed the sampler with the finished trials of an earlier study (``study``, in the
+    tracking store ``tracking``, default this study's) whose parameters fit this space."""
+
+    study: str | None = None
+    tracking: str | None = None
+
+
+@dataclass(frozen=True)
+class OptunaConfig:
+    """Where the study's Optuna study (each trial's configuration and value) is kept.
+
+    ``storage``: an SQLAlchemy URL (``sqlite:///optuna.db``, ``postgresql://user@host/db``,
+    ``mysql+pymysql://...``) that ``optuna-dashboard`` opens, or ``memory`` (only inside Tune's
+    searcher state). Default: ``sqlite:///<storage>/<name>/optuna.db`` when the Ray storage is
+    a local folder, else ``memory`` (give a database URL on clusters).
+    """
+
+    storage: str | None = None
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """A validated study.
 
@@ -209,8 +283,9 @@ class StudyConfig:
         space: the search space, in file order.
         trials: number of trials (Tune ``num_samples``).
         max_concurrent: trials running at once (None: as many as resources allow).
-        resources / asha / sampler / tracking / evaluate / failure / system_metrics: the
-            sections above.
+        resources / asha / sampler / tracking / evaluate / failure / system_metrics / optuna /
+            budget / register / warm_start: the sections above (``optuna.storage`` resolved: a URL or ``memory``).
+        enqueue: configurations Optuna evaluates first, each ``{space key: value}``.
         metric / mode: what ASHA and Optuna optimise.
         storage: absolute local folder or a URI (``s3://...``) for Ray's experiment state.
         source: the study file (for messages).
@@ -231,6 +306,11 @@ class StudyConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     failure: FailureSettings = field(default_factory=FailureSettings)
     system_metrics: SystemMetricsConfig = field(default_factory=SystemMetricsConfig)
+    optuna: OptunaConfig = field(default_factory=OptunaConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    enqueue: Any = ()
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -308,15 +388,29 @@ def study_from_dict(raw: dict[str, Any], source: str, study_dir: Path | None = N
     _check_corners(space, base, source)
     _check_cuda_has_gpu(space, base, cfg.resources, source)
     _check_sampler(cfg, space, source)
+    if cfg.budget.gpu_hours is not None and cfg.resources.gpu == 0:
+        raise ConfigError(f"{source}: budget.gpu_hours: {cfg.budget.gpu_hours:g}, but the trials use no GPU "
+                          "(resources.gpu: 0); use budget.wall, or give the trials a GPU")
+    storage = resolve_storage(cfg.storage, cwd, source)
+    tracking_uri = _resolve_tracking_uri(cfg.tracking.uri, cwd, source)
+    warm = cfg.warm_start
+    if warm.tracking is not None and warm.study is None:
+        raise ConfigError(f"{source}: warm_start.study: missing; name the earlier study to start from")
+    if warm.study is not None:
+        warm = WarmStartConfig(warm.study, _resolve_tracking_uri(warm.tracking, cwd, source, "warm_start.tracking")
+                               if warm.tracking else tracking_uri)
     return dataclasses.replace(
         cfg,
+        enqueue=parse_enqueue(cfg.enqueue, space, base, source),
+        optuna=OptunaConfig(resolve_optuna_storage(cfg.optuna.storage, storage, name, cwd, source)),
         name=name,
         base=base,
         space=space,
         asha=dataclasses.replace(cfg.asha, max_epochs=max_epochs),
-        storage=resolve_storage(cfg.storage, cwd, source),
+        storage=storage,
+        warm_start=warm,
         tracking=TrackingConfig(
-            uri=_resolve_tracking_uri(cfg.tracking.uri, cwd, source),
+            uri=tracking_uri,
             experiment=cfg.tracking.experiment or name,
         ),
         source=source,
@@ -394,13 +488,79 @@ def resolve_storage(storage: str | None, cwd: Path, source: str = "") -> str:
     return _absolute(local, cwd, f"{source}: storage" if source else "storage")
 
 
-def _resolve_tracking_uri(uri: str | None, cwd: Path, source: str) -> str:
+OPTUNA_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
+def resolve_optuna_storage(url: str | None, storage: str, name: str, cwd: Path, source: str) -> str:
+    """``optuna.storage`` as used: ``memory`` or a database URL (a relative sqlite path made
+    absolute; the default beside a local Ray storage, see :class:`OptunaConfig`).
+
+    Raises:
+        ConfigError: an in-memory sqlite URL or a scheme Optuna's RDB storage does not take.
+    """
+    if url is None:
+        return "memory" if "://" in storage else f"sqlite:///{Path(storage) / name / 'optuna.db'}"
+    if url == "memory":
+        return url
+    where = f"{source}: optuna.storage"
+    scheme = url.split("://", 1)[0].split("+")[0] if "://" in url else ""
+    if scheme not in OPTUNA_SCHEMES:
+        raise ConfigError(f"{where}: {url!r} is not allowed; use memory or a database URL "
+                          "(sqlite:///FILE, postgresql://USER@HOST/DB, mysql://USER@HOST/DB)")
+    if scheme == "sqlite":
+        path = url.split(":///", 1)[1] if url.startswith("sqlite:///") else ""
+        if path in ("", ":memory:"):
+            raise ConfigError(f"{where}: {url!r} is not allowed; use a file (sqlite:///path/to/optuna.db) "
+                              "or memory")
+        return f"sqlite:///{_absolute(path, cwd, where)}"
+    return url
+
+
+def parse_enqueue(raw: Any, space: tuple[ParamSpec, ...], base: dict[str, Any], source: str) -> tuple[dict, ...]:
+    """The ``enqueue:`` list: each item maps sampled space keys to values that the space can
+    give (keys left out are sampled), and builds a valid TrainConfig.
+
+    Raises:
+        ConfigError: naming the item, the key, the value and what the space allows.
+    """
+    if raw in (None, ()):
+        return ()
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"{source}: enqueue: {raw!r} is not allowed; expected a list of mappings "
+                          "from space keys to values, e.g. [{lambda_ssl: 0.4}]")
+    specs = {s.key: s for s in space if s.sampled}
+    out = []
+    for i, item in enumerate(raw):
+        where = f"{source}: enqueue[{i}]"
+        if not isinstance(item, dict) or not item:
+            raise ConfigError(f"{where}: {item!r} is not allowed; expected a mapping from space keys to values")
+        for key, value in item.items():
+            if key not in specs:
+                raise ConfigError(f"{where}.{key}: " + unknown_name_message("sampled space key", str(key),
+                                                                             list(specs)))
+            try:
+                specs[key].check_value(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.{key}: {exc}") from None
+        # the keys left out at their low ends (as the corner checks set them), for the conditions
+        values = assignments(space, flatten(base), {**{s.key: s.extremes()[0] for s in space}, **item})
+        inactive = sorted(set(item) - set(values))
+        if inactive:
+            raise ConfigError(f"{where}.{inactive[0]}: not sampled in this configuration (its when: "
+                              "condition does not hold); leave it out")
+        train_config_from_dict(overlay(base, values), source=where)
+        out.append(dict(item))
+    return tuple(out)
+
+
+def _resolve_tracking_uri(uri: str | None, cwd: Path, source: str, key: str = "tracking.uri") -> str:
+    """An absolute tracking URI: ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``<cwd>/mlflow.db``."""
     from s2study.study.tracking import normalize_tracking_uri
 
     try:
         return normalize_tracking_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or None, cwd)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: tracking.uri: {exc}") from None
+        raise ConfigError(f"{source}: {key}: {exc}") from None
 
 
 def _check_corners(space: tuple[ParamSpec, ...], base: dict[str, Any], source: str) -> None:

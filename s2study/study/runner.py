@@ -6,11 +6,16 @@ the study's parent run on the driver, starts or joins Ray, then builds (or resto
 ``Tuner``::
 
     Tuner(with_resources(with_parameters(run_trial, settings), {cpu, gpu}),
-          TuneConfig(metric, mode, search_alg=OptunaSearch(define-by-run space, metric, mode,
-                     sampler), scheduler=ASHAScheduler(training_iteration, max_t, grace,
+          TuneConfig(metric, mode, search_alg=StudySearch(define-by-run space, metric, mode,
+                     sampler, optuna storage, enqueued points),
+                     scheduler=ASHAScheduler(training_iteration, max_t, grace,
                      reduction), num_samples, max_concurrent_trials, reuse_actors=True),
           RunConfig(name, storage_path, CheckpointConfig(num_to_keep=2), FailureConfig(max_failures),
                     callbacks=[StudyProgress, JSON and CSV loggers]))
+
+``StudySearch`` (:mod:`s2study.study.search`) is Ray's OptunaSearch told each trial's best
+value; its Optuna study lives in ``optuna.storage`` (by default an SQLite file beside a local
+study's state), so ``optuna-dashboard`` and ``s2study report`` can read it.
 
 Tune keeps each trial's two most recent checkpoints; each holds the epoch's full training state
 and the trial's best weights so far (see :mod:`s2study.study.trainable`), so the latest one is
@@ -53,8 +58,10 @@ from s2study.config.load import build_dataclass, config_to_dict, flatten
 from s2study.config.schema import DataConfig
 from s2study.errors import ConfigError, DataError, EnvironmentProblem
 from s2study.study import tracking
+from s2study.study.budget import BudgetWatch, Spent, interrupt_fit
 from s2study.study.config import StudyConfig, check_resources, cuda_corners, local_node_resources
-from s2study.study.space import DefineByRun, corner_cases, grid_values, overlay
+from s2study.study.search import safe_url
+from s2study.study.space import corner_cases, overlay
 from s2study.study.trainable import (
     BEST_FILE,
     CHECKPOINT_FILE,
@@ -68,7 +75,7 @@ from s2study.study.trainable import (
 STATE_FILE = "s2study_study.json"
 #: resolved-study keys a resume may change: the tracking store's address (a new head) and the
 #: storage spelling (the state was found there); ``trials`` may be raised
-RESUME_FREE_KEYS = ("tracking.uri", "storage")
+RESUME_FREE_KEYS = ("tracking.uri", "storage", "budget.wall", "budget.gpu_hours", "register.name")
 Echo = Callable[[str], None]
 
 
@@ -103,7 +110,7 @@ class StudyOutcome:
     trials: list[TrialSummary] = field(default_factory=list)
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
     interrupted: bool = False
-    stopped_by: str | None = None  # "SIGTERM" when a SIGTERM interrupted it (else Ctrl-C or none)
+    stopped_by: str | None = None  # "SIGTERM" or "budget" when one stopped it (else Ctrl-C or none)
 
 
 # --------------------------------------------------------------------------- checks
@@ -385,32 +392,6 @@ def extend_search(fs: Any, folder: str, trials: int) -> int | None:
 # --------------------------------------------------------------------------- Tune pieces
 
 
-def build_sampler(cfg: StudyConfig):
-    """The Optuna sampler named by ``cfg.sampler`` (seeded)."""
-    import warnings
-
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    s = cfg.sampler
-    n_startup = s.n_startup_trials if s.n_startup_trials is not None else max(1, cfg.trials // 4)
-    conditional = any(spec.when for spec in cfg.space)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if s.name == "tpe":
-            return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=n_startup, multivariate=True,
-                                              group=conditional)
-        if s.name == "random":
-            return optuna.samplers.RandomSampler(seed=s.seed)
-        if s.name == "gp":
-            return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=n_startup)
-        if s.name == "cmaes":
-            return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=n_startup)
-        if s.name == "grid":
-            return optuna.samplers.GridSampler(grid_values(cfg.space, cfg.source), seed=s.seed)
-        return optuna.samplers.BruteForceSampler(seed=s.seed)
-
-
 class StudyProgress(tune.Callback):
     """One line per trial event: trials running / stopped early / done, best metric so far."""
 
@@ -458,16 +439,18 @@ class StudyProgress(tune.Callback):
         self._line(f"{trial.trial_id} FAILED (see {trial.path})", trials, trial, "ERROR")
 
 
-def build_tuner(cfg: StudyConfig, trainable: Any, storage_filesystem: Any | None = None):
-    """The Tuner of a new study (see the module docstring)."""
+def build_tuner(cfg: StudyConfig, trainable: Any, storage_filesystem: Any | None = None,
+                optuna_storage: Any | None = None, watch: BudgetWatch | None = None):
+    """The Tuner of a new study (see the module docstring); its Optuna study in
+    ``optuna_storage`` (:func:`s2study.study.search.prepare_study`; None: in memory)."""
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from s2study.study.search import build_searcher
 
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # the loggers are listed below
-    searcher = OptunaSearch(DefineByRun(cfg.space, cfg.base_flat), metric=cfg.metric, mode=cfg.mode,
-                            sampler=build_sampler(cfg))
+    searcher = build_searcher(cfg, optuna_storage)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_epochs,
                                grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
                  if cfg.asha.enabled else FIFOScheduler())
@@ -489,7 +472,8 @@ def build_tuner(cfg: StudyConfig, trainable: Any, storage_filesystem: Any | None
             # Tune's JSON and CSV result files, but no TensorBoard writer per trial: MLflow is
             # the tracker, and the writers cost time on every trial (see benchmarks/README.md)
             callbacks=[StudyProgress(cfg.metric, cfg.mode, cfg.max_epochs, cfg.trials),
-                       JsonLoggerCallback(), CSVLoggerCallback()],
+                       JsonLoggerCallback(), CSVLoggerCallback(),
+                       watch or BudgetWatch(None, None, cfg.resources.gpu, Spent())],
             verbose=0,
         ),
     )
@@ -574,6 +558,12 @@ def run_study(
             raise ConfigError(f"{cfg.source}: --resume: nothing to resume at {exp_path} ({why}); run it without "
                               "--resume to start the study, or pass the --storage it was started with")
         plan = plan_resume(cfg, state, storage_filesystem)
+    optuna_storage = _optuna_storage(cfg, exp_path, resume, echo)
+    watch = BudgetWatch(cfg.budget.wall_s, cfg.budget.gpu_s, cfg.resources.gpu,
+                        Spent.from_state(state if resume else None))
+    if resume and (spent := watch.exhausted()):
+        raise ConfigError(f"{cfg.source}: budget: the {spent} by the study's earlier attempts; resume it with a "
+                          "larger one: --resume --set budget.wall=... (or budget.gpu_hours=...)")
     _drop_tune_restore_hint()
     with StopSignals() as stop:
         started = not ray.is_initialized()
@@ -590,8 +580,8 @@ def run_study(
             parent = _study_run(cfg, fs, folder, experiment_id, plan, state, study_text, echo)
             outcome = StudyOutcome(cfg.name, exp_path, uri, experiment_id, parent)
             try:
-                outcome = _fit(cfg, outcome, plan is not None, storage_filesystem, echo)
-                outcome.stopped_by = stop.received
+                outcome = _fit(cfg, outcome, plan is not None, storage_filesystem, optuna_storage, watch, echo)
+                outcome.stopped_by = stop.received or outcome.stopped_by
                 return outcome
             except KeyboardInterrupt as exc:
                 how = "SIGTERM" if isinstance(exc, Terminated) else "KeyboardInterrupt"
@@ -600,6 +590,11 @@ def run_study(
             except BaseException as exc:
                 _end(uri, experiment_id, parent, "failed", f"{type(exc).__name__}: {exc}")
                 raise
+            finally:
+                watch.stop()
+                if watch.active:  # the count a --resume goes on from
+                    _write_state(fs, folder, {**(_read_state(fs, folder) or {}),
+                                              "budget_spent": watch.spent.as_state()})
         finally:
             if started:
                 ray.shutdown()
@@ -644,11 +639,7 @@ class StopSignals:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.received = "SIGTERM"
-        handler = signal.getsignal(signal.SIGINT)
-        if callable(handler) and handler is not signal.default_int_handler:
-            handler(signal.SIGINT, frame)  # Tune's: it stops the run and saves its state
-            return
-        raise Terminated("SIGTERM")
+        interrupt_fit(Terminated("SIGTERM"))
 
 
 class _NoTunerRestoreHint(logging.Filter):
@@ -691,7 +682,8 @@ def _study_run(cfg: StudyConfig, fs: Any, folder: str, experiment_id: str, plan:
                                            prefer=state.get("parent_run_id")) if state else None)
         parent = tracking.start_study_run(uri, experiment_id, cfg.name, study_params(cfg), tags={
             "s2study.space_keys": ",".join(s.key for s in cfg.space if s.sampled),
-            "s2study.metric": cfg.metric, "s2study.mode": cfg.mode, tracking.TAG_STORAGE: exp_path})
+            "s2study.metric": cfg.metric, "s2study.mode": cfg.mode, tracking.TAG_STORAGE: exp_path,
+            tracking.TAG_OPTUNA: safe_url(cfg.optuna.storage)})
         if earlier is not None and earlier != parent:
             tracking.close_running_children(uri, experiment_id, earlier, "killed", "superseded")
             tracking.finish_run(uri, earlier, "killed", "superseded by a new attempt")
@@ -704,8 +696,21 @@ def _study_run(cfg: StudyConfig, fs: Any, folder: str, experiment_id: str, plan:
     return parent
 
 
+def _optuna_storage(cfg: StudyConfig, exp_path: str, resume: bool, echo: Echo) -> Any | None:
+    """The Optuna storage, opened before Ray starts: a new study's (an earlier dead attempt's
+    Optuna study replaced, warm-started, see :func:`~s2study.study.search.prepare_study`), or a
+    resumed one's, which its restored searcher reopens (only checked here)."""
+    from s2study.study import search
+
+    if not resume:
+        return search.prepare_study(cfg, exp_path, echo)
+    if cfg.optuna.storage != "memory":
+        search.open_storage(cfg.optuna.storage)
+    return None
+
+
 def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesystem: Any | None,
-         echo: Echo) -> StudyOutcome:
+         optuna_storage: Any | None, watch: BudgetWatch, echo: Echo) -> StudyOutcome:
     """Build or restore the Tuner, fit, settle the trial runs, evaluate, summarise."""
     from ray.tune import Tuner
 
@@ -720,12 +725,20 @@ def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesys
     if restore:
         tuner = Tuner.restore(outcome.experiment_path, trainable, resume_errored=True,
                               storage_filesystem=storage_filesystem)
-        _set_progress_total(tuner, cfg.trials)
+        _update_callbacks(tuner, cfg.trials, watch)
     else:
-        tuner = build_tuner(cfg, trainable, storage_filesystem)
+        tuner = build_tuner(cfg, trainable, storage_filesystem, optuna_storage, watch)
     echo(f"study {cfg.name}: {cfg.trials} trials, storage {outcome.experiment_path}, MLflow {uri} "
          f"(experiment {cfg.tracking.experiment}, run {parent})")
-    grid = tuner.fit()
+    watch.start()
+    try:
+        grid = tuner.fit()
+    finally:
+        watch.stop()
+    if watch.active:
+        tracking.log_metrics(uri, parent, watch.spent.as_metrics())
+    if watch.reason:
+        outcome.stopped_by = "budget"
     outcome.trials = summarize(cfg, grid, uri, experiment_id, parent)
     dropped = tracking.drop_orphan_runs(uri, experiment_id, parent, {t.trial_id for t in outcome.trials})
     if dropped:
@@ -749,11 +762,19 @@ def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesys
         t.trial_id: ("killed" if t.status == "incomplete" else t.status, t.error) for t in outcome.trials},
         before_end=complete)
     if outcome.interrupted:
-        _end(uri, experiment_id, parent, "killed", "study interrupted; continue with s2study run --resume")
-        echo(f"study interrupted; continue it with: s2study run {cfg.source} --resume")
+        if watch.reason:
+            larger = "budget.wall" if watch.reason.startswith("wall") else "budget.gpu_hours"
+            _end(uri, experiment_id, parent, "killed", f"{watch.reason}; continue with s2study run --resume")
+            echo(f"study stopped: {watch.reason}; continue it with: s2study run {cfg.source} --resume "
+                 f"--set {larger}=LARGER")
+        else:
+            _end(uri, experiment_id, parent, "killed", "study interrupted; continue with s2study run --resume")
+            echo(f"study interrupted; continue it with: s2study run {cfg.source} --resume")
         return outcome
     outcome.evaluated = evaluate_best(cfg, grid, outcome.trials, uri, echo)
     log_study_summary(cfg, outcome)
+    if cfg.register.name:
+        register_best_trial(cfg, outcome, echo)
     _end(uri, experiment_id, parent, "finished")
     echo(summary_text(cfg, outcome))
     return outcome
@@ -779,16 +800,23 @@ def complete_from_checkpoint(uri: str, run_id: str, checkpoint: Any, metric: str
     return max(run.last_step - before, 0)
 
 
-def _set_progress_total(tuner: Any, trials: int) -> None:
-    """A restored Tuner brings back the :class:`StudyProgress` it was built with: give it the
-    (possibly raised) number of trials."""
+def _update_callbacks(tuner: Any, trials: int, watch: BudgetWatch) -> None:
+    """A restored Tuner brings back the callbacks it was built with: give its
+    :class:`StudyProgress` the (possibly raised) number of trials, and put this attempt's
+    budget in place of the first attempt's."""
     try:
-        callbacks = tuner._local_tuner.get_run_config().callbacks or []
+        callbacks = tuner._local_tuner.get_run_config().callbacks
     except AttributeError:  # another Tune layout: the progress lines keep the old total
+        callbacks = None
+    if callbacks is None:
+        if watch.active:
+            raise EnvironmentProblem("this Ray Tune does not let a resumed study change its callbacks; "
+                                     "the budget cannot be applied (drop budget: or resume without it)")
         return
     for callback in callbacks:
         if isinstance(callback, StudyProgress):
             callback.total = trials
+    callbacks[:] = [c for c in callbacks if not isinstance(c, BudgetWatch)] + [watch]
 
 
 def _end(uri: str, experiment_id: str, parent: str, status: str, reason: str | None = None) -> None:
@@ -820,7 +848,7 @@ def summarize(cfg: StudyConfig, grid: Any, uri: str, experiment_id: str, parent:
             status = "finished" if epochs >= cfg.max_epochs else "stopped_early"
         else:
             status = "incomplete"
-        best = (max(values) if cfg.mode == "max" else min(values)) if values else None
+        best = tracking.best_of(values, cfg.mode)
         out.append(TrialSummary(
             trial_id=trial_id, name=run.info.run_name if run else trial_id, status=status, epochs=epochs,
             best=best, last=values[-1] if values else None,
@@ -961,6 +989,23 @@ def log_study_summary(cfg: StudyConfig, outcome: StudyOutcome) -> None:
     counts = {s: sum(t.status == s for t in outcome.trials) for s in ("finished", "stopped_early", "failed")}
     tracking.log_metrics(uri, parent, {f"best_{cfg.metric}": best.best, **{f"trials_{k}": v for k, v in counts.items()},
                                        **outcome.evaluated.get(best.trial_id, {})})
+
+
+def register_best_trial(cfg: StudyConfig, outcome: StudyOutcome, echo: Echo) -> int | None:
+    """The best trial's checkpoint as a new version of model ``register.name``; its version."""
+    from s2study.model_registry import register_best
+
+    best = next((t for t in outcome.trials if t.best is not None and t.run_id), None)
+    if best is None:
+        echo(f"no trial reported {cfg.metric}; nothing registered as {cfg.register.name}")
+        return None
+    tags = {"s2study.study": cfg.name, "s2study.parent_run_id": outcome.parent_run_id,
+            "s2study.trial_id": best.trial_id, cfg.metric: best.best, **outcome.evaluated.get(best.trial_id, {})}
+    version = register_best(outcome.tracking_uri, cfg.register.name, best.run_id, outcome.parent_run_id, tags)
+    tracking.set_tags(outcome.tracking_uri, outcome.parent_run_id,
+                      {"s2study.registered_model": f"models:/{cfg.register.name}/{version}"})
+    echo(f"registered {best.name} as models:/{cfg.register.name}/{version}")
+    return version
 
 
 def summary_text(cfg: StudyConfig, outcome: StudyOutcome) -> str:

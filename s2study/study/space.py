@@ -152,6 +152,37 @@ class ParamSpec:
             return trial.suggest_categorical(self.key, list(self.choices))
         return self.value
 
+    def check_value(self, value: Any) -> None:
+        """Raise ValueError (naming what is allowed) where sampling could not give ``value``."""
+        if self.kind == "categorical":
+            if value not in self.choices:
+                raise ValueError(f"{value!r} is not one of the choices {list(self.choices)}")
+            return
+        if self.kind == "constant":
+            if value != self.value:
+                raise ValueError(f"{value!r} is not the constant {self.value!r}")
+            return
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or (self.kind == "int" and not float(value).is_integer()):
+            raise ValueError(f"{value!r} is not {'an int' if self.kind == 'int' else 'a number'}")
+        if not self.low <= value <= self.high:
+            raise ValueError(f"{value!r} is outside [{self.low:g}, {self.high:g}]")
+        if self.step is not None and not math.isclose((value - self.low) / self.step,
+                                                      round((value - self.low) / self.step), abs_tol=1e-9):
+            raise ValueError(f"{value!r} is not on the grid low + k * step (step {self.step:g})")
+
+    def distribution(self) -> Any:
+        """The Optuna distribution sampling draws from (for trials added from elsewhere)."""
+        import optuna.distributions as d
+
+        if self.kind == "float":
+            return d.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.kind == "int":
+            return d.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        if self.kind == "categorical":
+            return d.CategoricalDistribution(list(self.choices))
+        raise ValueError(f"space.{self.key}: a constant has no distribution")
+
     def extremes(self) -> tuple:
         """The values that bound what sampling can produce (used to validate a space)."""
         if self.kind in ("float", "int"):

@@ -55,7 +55,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,7 +70,11 @@ TAG_ROLE, TAG_TRIAL, TAG_STATUS, TAG_REASON, TAG_STUDY = (
     "s2study.role", "s2study.trial_id", "s2study.status", "s2study.failure_reason", "s2study.study",
 )
 TAG_STORAGE, TAG_ATTEMPT, TAG_SUPERSEDED = "s2study.storage", "s2study.attempt", "s2study.superseded_by"
+TAG_OPTUNA = "s2study.optuna_storage"  # the study's Optuna storage URL (password masked) or memory
 PARENT = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment by its kind: this one on the runs table (an untagged
+# experiment opens on the GenAI traces overview)
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 #: the key of a trial's run id in its Tune results (the run a resumed trial continues)
 RESULT_RUN_ID = "mlflow_run_id"
 #: how long a tracking store may fail continuously before a write gives up (seconds)
@@ -422,10 +426,12 @@ def ensure_experiment(uri: str, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             raise EnvironmentProblem(f"MLflow experiment {name!r} is deleted; restore it or pick another "
                                      "tracking.experiment")
+        if EXPERIMENT_KIND not in exp.tags:
+            c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return exp.experiment_id
     db = sqlite_path(uri)
     location = (db.parent / "mlartifacts" / name).as_uri() if db else None
-    return c.create_experiment(name, artifact_location=location)
+    return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
 
 
 def start_study_run(uri: str, experiment_id: str, study: str, params: dict[str, Any],
@@ -676,10 +682,23 @@ def _search(uri: str, experiment_ids: list[str], filter_string: str, order_by: l
 
 
 def improves(value: float | None, best: float | None, mode: str) -> bool:
-    """Whether a finite ``value`` beats ``best`` (None: nothing yet) in ``mode`` (max or min)."""
+    """Whether a finite ``value`` beats ``best`` (None: nothing yet) in ``mode`` (max or min).
+
+    The one rule for a trial's best epoch: its best checkpoint, its rank in the study and the
+    value Optuna learns from (:class:`s2study.study.search.StudySearch`) all follow it.
+    """
     if value is None or not math.isfinite(value):
         return False
     return best is None or (value > best if mode == "max" else value < best)
+
+
+def best_of(values: Iterable[float | None], mode: str) -> float | None:
+    """The best of ``values`` by :func:`improves` (None where none is finite)."""
+    best = None
+    for value in values:
+        if improves(value, best, mode):
+            best = float(value)
+    return best
 
 
 class TrialRun:
