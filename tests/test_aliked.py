@@ -137,6 +137,7 @@ def test_eval_command_takes_the_weights_name(roadscene, tmp_path, capsys):
 
 
 def test_extraction_options_and_thresholds(visible):
+    torch.manual_seed(0)  # random weights: whatever ran before must not decide what they detect
     net = build_method("aliked", pretrained=False, model_name="aliked-t16")
     image = to_tensor(visible[:96, :128])
     top = net.extract(image, 50)

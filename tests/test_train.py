@@ -98,6 +98,70 @@ def test_lambda_zero_ignores_ssl_images(shared_data):
     assert not all(torch.equal(a, p.grad) for a, p in zip(first, method.parameters()))
 
 
+def test_each_part_is_normalised_with_its_own_statistics_and_only_sl_updates_the_running_ones():
+    from s2study.part_norm import part_statistics
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    separate = [torch.nn.Sequential(*[m for m in __import__("copy").deepcopy(net)]) for _ in range(2)]
+    x = torch.randn(6, 3, 8, 8)
+    x[2:] = x[2:] * 3 + 1  # a part with other statistics (as the noisy, inverted SSL images)
+    with part_statistics(net, [2, 4]):
+        y = net(x)
+    expected = torch.cat([separate[0](x[:2]), separate[1](x[2:])])
+    assert torch.allclose(y, expected, atol=1e-6)
+    assert torch.allclose(net[1].running_mean, separate[0][1].running_mean)  # from the first part only
+    assert torch.allclose(net[1].running_var, separate[0][1].running_var)
+    assert "forward" not in vars(net[1])  # the plain batch norm is back
+    y.square().sum().backward()
+    expected.square().sum().backward()
+    grads = [p.grad for p in net.parameters()]
+    summed = [a.grad + b.grad for a, b in zip(*(s.parameters() for s in separate))]
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(grads, summed))
+
+
+def _grads_and_stats(method, batch, lambda_ssl, parts=None):
+    torch.manual_seed(0)  # the losses sample random query points
+    method.zero_grad()
+    losses = s2_loss(method, batch, lambda_ssl=lambda_ssl, parts=parts)
+    losses["total"].backward()
+    stats = [b.clone() for name, b in method.named_buffers() if "running" in name]
+    return losses, [p.grad.clone() for p in method.parameters() if p.grad is not None], stats
+
+
+@pytest.mark.parametrize("preset", ["r2d2-roadscene", "aliked-roadscene"])
+def test_lambda_zero_with_ssl_images_in_the_batch_trains_exactly_as_without_them(preset, shared_data):
+    """Batch norm sees each part apart: the SSL images change neither the SL term, nor the
+    gradient at lambda = 0, nor the running statistics; so lambda alone varies in a study."""
+    import copy
+
+    cfg = tiny_config(preset)
+    torch.manual_seed(0)
+    method = build_model(cfg, torch.device("cpu"))
+    assert any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in method.modules())
+    batch = s2_batch(cfg)
+    twin = copy.deepcopy(method)
+    sl_only, grads, stats = _grads_and_stats(method, batch, 0.0)
+    with_ssl, grads_ssl, stats_ssl = _grads_and_stats(twin, batch, 0.0, parts=batch.parts)
+    assert "ssl_vis" in with_ssl and "ssl_vis" not in sl_only
+    assert torch.allclose(sl_only["total"], with_ssl["total"], rtol=1e-5)
+    # equal up to float32 summation order (measured: at most 4e-6 of each gradient's scale)
+    assert len(grads) == len(grads_ssl) and all(
+        (a - b).abs().max() <= 1e-4 * a.abs().max() for a, b in zip(grads, grads_ssl))
+    assert stats and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(stats, stats_ssl))
+    # while one batch norm over all parts would normalise the SL images differently
+    sl = batch.parts["sl"]
+    images = torch.cat([batch.images_a[sl], batch.images_b[sl], batch.images_a[sl.stop:], batch.images_b[sl.stop:]])
+    twin.train()
+    mixed = twin(images).descriptors[: 2 * (sl.stop - sl.start)]
+    alone = twin(images[: 2 * (sl.stop - sl.start)]).descriptors
+    assert (mixed - alone).abs().max() > 1e-2
+    # the SL term at lambda > 0 is the one at lambda = 0
+    at_04, _, _ = _grads_and_stats(copy.deepcopy(twin), batch, 0.4)
+    at_0, _, _ = _grads_and_stats(copy.deepcopy(twin), batch, 0.0)
+    assert torch.allclose(at_04["sl"], at_0["sl"], rtol=1e-5) and at_04["total"] > at_0["total"]
+
+
 def test_same_seed_same_losses_and_resume_continues_exactly(tmp_path, shared_data):
     cfg = tiny_config("r2d2-roadscene", "epochs=2")
     full = train(cfg, out_dir=tmp_path / "a", progress=False).history

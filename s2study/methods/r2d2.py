@@ -51,6 +51,7 @@ from s2study.checkpoint import safe_torch_load
 from s2study.errors import CheckpointError
 from s2study.features import Features
 from s2study.methods.base import DenseFeatures, Method, Param, check_shape
+from s2study.part_norm import group_sizes, grouped_batch_norm_stats
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -268,23 +269,32 @@ class _BatchNormKeepOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, bn: nn.BatchNorm2d) -> Tensor:  # type: ignore[override]
-        y, _, invstd = torch.native_batch_norm(
-            x, None, None, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps
-        )
+        sizes = group_sizes(x.shape[0])  # the S2 batch's parts, each with its own statistics
+        if sizes is None:
+            y, _, invstd = torch.native_batch_norm(
+                x, None, None, bn.running_mean, bn.running_var, True, bn.momentum, bn.eps
+            )
+            sizes, invstd = (x.shape[0],), invstd[None]
+        else:
+            y, invstd = grouped_batch_norm_stats(x, bn, sizes)
         bn.num_batches_tracked.add_(1)
         ctx.save_for_backward(y, invstd)
+        ctx.sizes = list(sizes)
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         y, invstd = ctx.saved_tensors
         # the native backward with mean 0 and invstd 1 normalises nothing: it computes
-        # dy - mean(dy) - y * mean(dy * y); the real invstd then scales it
-        unit = torch.ones_like(invstd)
-        dxhat = torch.ops.aten.native_batch_norm_backward(
-            dy, y, None, None, None, torch.zeros_like(invstd), unit, True, 0.0, [True, False, False]
-        )[0]
-        return (dxhat * invstd.view(1, -1, 1, 1)).to(y.dtype), None
+        # dy - mean(dy) - y * mean(dy * y) (per part); the real invstd then scales it
+        unit = torch.ones_like(invstd[0])
+        dx = [
+            torch.ops.aten.native_batch_norm_backward(
+                g, yi, None, None, None, torch.zeros_like(unit), unit, True, 0.0, [True, False, False]
+            )[0] * inv.view(1, -1, 1, 1)
+            for g, yi, inv in zip(dy.split(ctx.sizes), y.split(ctx.sizes), invstd)
+        ]
+        return (dx[0] if len(dx) == 1 else torch.cat(dx)).to(y.dtype), None
 
 
 class _ReluConv(torch.autograd.Function):
