@@ -18,6 +18,7 @@ Usage::
     python benchmarks/run.py --threads 1 --precision fp32  # 1 thread (steady CPU times), fp32 steps
     python benchmarks/run.py --device cuda --json bench_gpu.json
     python benchmarks/run.py --only study_overhead  # optional: needs ray, optuna (and mlflow)
+    python benchmarks/run.py --only backbones       # optional: every backbone, ratios to R2D2 N16
 
 See ``benchmarks/README.md`` for what each benchmark measures, the targets and the figures.
 
@@ -280,8 +281,9 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def _s2_step_variants(
     ctx: Context, preset: str, overrides: tuple[str, ...] = ()
-) -> tuple[dict[str, Callable[[], None]], dict[str, Any]]:
-    """The batched S2 step and its three-pass baseline for ``preset``, on one model.
+) -> tuple[dict[str, Callable[[], None]], dict[str, Any], Any]:
+    """The batched S2 step and its three-pass baseline for ``preset``, on one model (returned
+    third).
 
     Both variants build the same S2 batch (same samples, same generator seed for the same call
     count) with :func:`make_s2_batch`; the batched one then runs :func:`s2_loss` (one forward of
@@ -370,14 +372,14 @@ def _s2_step_variants(
         "lambda_ssl": lam,
         "precision": f"{str(amp_dtype)[6:]} autocast (batched), fp32 (3-pass)" if amp else "fp32",
     }
-    return variants, info
+    return variants, info, method
 
 
 def _s2_step_benchmark(
     name: str, preset: str, repeats: int, gpu_repeats: int, overrides: tuple[str, ...] = ()
 ) -> Callable[[Context], Result]:
     def bench(ctx: Context) -> Result:
-        variants, info = _s2_step_variants(ctx, preset, overrides)
+        variants, info, _ = _s2_step_variants(ctx, preset, overrides)
         info = {**info, "overrides": list(overrides)} if overrides else info
         runs = ctx.timer.interleaved(variants, ctx.n(repeats, gpu_repeats), ctx.warm(1))
         base_name = f"{name}_3pass"
@@ -507,6 +509,51 @@ def _extract_benchmark(
         }
 
     return bench
+
+
+# ----------------------------------------------------------------------------- backbones
+
+#: every backbone s2study trains: (label, preset, overrides); the first is the reference
+BACKBONES = (
+    ("r2d2_WASF_N16", "r2d2-roadscene", ()),
+    ("r2d2_WAF_N16", "r2d2-roadscene", ("method.weights=r2d2_WAF_N16",)),
+    ("r2d2_WASF_N8_big", "r2d2-roadscene", ("method.weights=r2d2_WASF_N8_big",)),
+    ("faster2d2_WASF_N16", "r2d2-roadscene", ("method.weights=faster2d2_WASF_N16",)),
+    ("aliked-t16", "aliked-roadscene", ("method.weights=aliked-t16",)),
+    ("aliked-n16", "aliked-roadscene", ()),
+    ("aliked-n16rot", "aliked-roadscene", ("method.weights=aliked-n16rot",)),
+    ("aliked-n32", "aliked-roadscene", ("method.weights=aliked-n32",)),
+    ("d2net (random init)", "d2net-roadscene", ()),
+)
+BACKBONE_CROP = 192  # one crop for every backbone, so the step times compare
+
+
+def bench_backbones(ctx: Context) -> Result:
+    """An S2 step (one batched forward, batch 1, lambda of the preset, 192 px crops, the
+    trainer's precision) and a single-scale extraction (RoadScene 329 x 500, K = 4096) for
+    every backbone, timed round by round in one run; ratios to R2D2 N16 (the official file)."""
+    from s2study.extractor import MethodExtractor
+
+    steps, extracts, info = {}, {}, {}
+    img = _roadscene_image(ctx)
+    for label, preset, overrides in BACKBONES:
+        variants, meta, method = _s2_step_variants(ctx, preset, (*overrides, f"crop_size={BACKBONE_CROP}"))
+        extractor = MethodExtractor(method, label, label, ctx.device, {})
+        # one network for both: the step trains it (train mode), the extraction evaluates it
+        steps[label] = lambda m=method, step=variants["batched"]: (m.train(), step())
+        extracts[label] = lambda e=extractor: (e.method.eval(), e(img, 4096))
+        info[label] = {"lambda_ssl": meta["lambda_ssl"], "crop": BACKBONE_CROP, "precision": meta["precision"]}
+    step_runs = ctx.timer.interleaved(steps, ctx.n(3, 10), ctx.warm(1))
+    extract_runs = ctx.timer.interleaved(extracts, ctx.n(3, 10), ctx.warm(1))
+    ref = BACKBONES[0][0]
+    out: Result = {}
+    for label, *_ in BACKBONES:
+        out[f"backbone_s2_step[{label}]"] = _with_baseline(ctx, step_runs[label], step_runs[ref],
+                                                            f"backbone_s2_step[{ref}]", **info[label])
+        out[f"backbone_extract[{label}]"] = _with_baseline(ctx, extract_runs[label], extract_runs[ref],
+                                                            f"backbone_extract[{ref}]", image_hw=list(img.shape[:2]),
+                                                            max_keypoints=4096)
+    return out
 
 
 # ----------------------------------------------------------------------------- MNN
@@ -786,6 +833,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "mnn_8192": Benchmark(_mnn_benchmark("mnn_8192", 8192, repeats=5)),
     "eval_roadscene_val": Benchmark(bench_eval_roadscene_val),
     "study_overhead": Benchmark(bench_study_overhead, default=False, needs=("ray", "optuna")),
+    "backbones": Benchmark(bench_backbones, default=False),
 }
 
 # ----------------------------------------------------------------------------- report

@@ -430,3 +430,27 @@ def test_extract_zero_keypoints_keeps_shapes():
     kp = _net().extract(torch.rand(1, 3, 48, 48), 0)
     assert len(kp) == 0
     assert kp.xy.shape == (0, 2) and kp.scores.shape == (0,) and kp.descriptors.shape == (0, 512)
+
+
+def test_centred_descriptors_remove_the_common_direction_in_training_and_extraction(road_pair):
+    """From random weights all positions share one large mean feature (mean cosine near 1):
+    centring each image's features removes it, in the training graph and at extraction."""
+    torch.manual_seed(0)
+    plain = build_method("d2net", train_layers="all")
+    centred = build_method("d2net", train_layers="all", center_descriptors=True)
+    centred.load_state_dict(plain.state_dict())
+    image = road_pair[0][:, :, :128, :128]
+
+    def mean_cosine(net):
+        d = net(image).descriptors[0].detach().flatten(1).t()  # (positions, 512), unit rows
+        return float((d @ d.t()).mean())
+
+    assert mean_cosine(plain) > 0.5 and abs(mean_cosine(centred)) < 0.05
+    raw = centred.dense_features(image)
+    assert torch.allclose(centred(image).scores, plain(image).scores)  # detection reads the raw features
+    assert torch.allclose(centred._descriptor_features(raw).mean(dim=(2, 3)), torch.zeros(1, 512), atol=1e-4)
+    plain.eval()
+    centred.eval()
+    a, b = plain.extract(image, 64), centred.extract(image, 64)
+    assert torch.equal(torch.as_tensor(a.keypoints), torch.as_tensor(b.keypoints))
+    assert not torch.allclose(torch.as_tensor(a.descriptors), torch.as_tensor(b.descriptors))

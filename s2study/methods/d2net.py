@@ -356,6 +356,11 @@ class D2Net(Method):
             "layer only), or 'all'",
             choices=("all", *CONV_NAMES),
         ),
+        "center_descriptors": Param(
+            False,
+            "subtract each image's mean feature before normalising the descriptors: from random "
+            "weights the descriptors otherwise collapse to one direction (docs/results.md)",
+        ),
         "margin": Param(1.0, "triplet margin M", lambda v: v > 0, "a number > 0"),
         "safe_radius": Param(
             4, "negatives closer than this (Chebyshev, feature-map cells) are excluded",
@@ -420,6 +425,13 @@ class D2Net(Method):
         # channels-last: faster convolutions, and (B, h*w, C) descriptor views without copies
         return self.backbone(x, dilated)
 
+    def _descriptor_features(self, features: Tensor) -> Tensor:
+        """The features descriptors are read from: per image mean-centred where
+        ``center_descriptors`` is on (detection always uses the raw features)."""
+        if self.params["center_descriptors"]:
+            return features - features.mean(dim=(2, 3), keepdim=True)
+        return features
+
     def _forward(self, images: Tensor, dilated: bool = False) -> DenseFeatures:
         """Dense D2-Net outputs.
 
@@ -434,7 +446,7 @@ class D2Net(Method):
         """
         features = self.dense_features(images, dilated)
         return DenseFeatures(
-            descriptors=F.normalize(features, dim=1),
+            descriptors=F.normalize(self._descriptor_features(features), dim=1),
             scores=soft_detection_scores(features),
             extras={"features": features},
             stride=4 if dilated else 8,
@@ -539,7 +551,8 @@ class D2Net(Method):
                 [(xy_level[:, 0] + 0.5) * sx - 0.5, (xy_level[:, 1] + 0.5) * sy - 0.5], -1
             )
             found.append(
-                (xy, scores[cells[:, 0], cells[:, 1]], _sample_descriptors(features[0], refined))
+                (xy, scores[cells[:, 0], cells[:, 1]],
+                 _sample_descriptors(self._descriptor_features(features)[0], refined))
             )
         xy, scores, desc = (torch.cat(parts) for parts in zip(*found))
         order = torch.argsort(scores, descending=True)[:max_keypoints]
