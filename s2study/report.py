@@ -212,7 +212,7 @@ def _importances(storage: str, study: str) -> str:
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
         return f"parameter importances: not available (the Optuna storage {storage} is not on this machine)"
     from s2study.errors import EnvironmentProblem
-    from s2study.study.search import param_importances
+    from s2study.study.optuna_store import param_importances
 
     try:
         values = param_importances(storage, study)

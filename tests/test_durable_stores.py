@@ -20,7 +20,7 @@ and MLflow's server reach the S3 server through ``AWS_ENDPOINT_URL`` /
   study file is refused in one line (exit 2) before anything starts.
 
 Skipped only when the PostgreSQL server binaries cannot be found (``.ci/run`` installs them).
-The module took 8.5 minutes on 2 cores shared with other jobs (load about 2.7).
+About 7 minutes on 2 cores (measured on 2026-12-02 with other jobs running).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow import MlflowClient
@@ -75,13 +76,14 @@ class Study:
     folder: Path
     uri: str
     output: str
+    name: str = "smoke"
 
     @property
     def client(self) -> MlflowClient:
         return MlflowClient(self.uri)
 
     def experiment_id(self) -> str:
-        return self.client.get_experiment_by_name("smoke").experiment_id
+        return self.client.get_experiment_by_name(self.name).experiment_id
 
     def parents(self):
         return self.client.search_runs([self.experiment_id()], "tags.`s2study.role` = 'study'")
@@ -173,31 +175,6 @@ def test_optuna_storage_holds_each_trials_best_value_and_the_enqueued_configurat
     print(f"{below_last} of {TRIALS} trials ended below their best epoch")
 
 
-def test_a_warm_started_study_holds_the_earlier_trials_that_fit_its_space(smoke):
-    import optuna
-
-    earlier = {t.number: t for t in _optuna_study(smoke).trials}
-    fitting = [t for t in earlier.values() if t.params["lambda_ssl"] <= 0.6]
-    assert fitting and len(fitting) < TRIALS, "the smoke study's lambdas should straddle 0.6"
-    proc = subprocess.run(_command(smoke.folder, "--set", "name=smoke-warm", "--set", "warm_start.study=smoke",
-                                   "--set", "space.lambda_ssl.high=0.6", "--set", "trials=2",
-                                   "--set", "evaluate.top_n=0"),
-                          cwd=smoke.folder, env=_env(), check=False, capture_output=True, text=True,
-                          timeout=STUDY_TIMEOUT)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    assert (f"warm start: {len(fitting)} trial(s) of study smoke seed the sampler (skipped "
-            f"{TRIALS - len(fitting)}: {TRIALS - len(fitting)} lambda_ssl outside this space)") in output
-    warm = optuna.load_study(study_name="smoke-warm",
-                             storage=f"sqlite:///{smoke.folder / 'results' / 'smoke-warm' / 'optuna.db'}")
-    seeded = [t for t in warm.trials if "s2study.warm_start_run" in t.user_attrs]
-    assert sorted((t.params["lambda_ssl"], t.value) for t in seeded) == sorted(
-        (t.params["lambda_ssl"], t.value) for t in fitting)
-    assert len(warm.trials) == len(fitting) + 2
-    new = [t for t in warm.trials if t not in seeded]
-    assert all(t.state == optuna.trial.TrialState.COMPLETE and t.params["lambda_ssl"] <= 0.6 for t in new)
-
-
 def test_experiment_opens_on_the_runs_table_and_the_report_gives_importances(smoke):
     assert smoke.client.get_experiment_by_name("smoke").tags["mlflow.experimentKind"] == "custom_model_development"
     text = _report(smoke)
@@ -277,7 +254,7 @@ def test_the_best_trial_is_a_registered_model_version_that_loads_by_its_uri(smok
 
     (parent,) = smoke.parents()
     (version,) = smoke.client.search_model_versions(f"name = '{MODEL}'")
-    assert version.version == "1" and version.run_id == parent.data.tags["s2study.best_run_id"]
+    assert int(version.version) == 1 and version.run_id == parent.data.tags["s2study.best_run_id"]
     assert version.tags["s2study.parent_run_id"] == parent.info.run_id and version.tags["s2study.study"] == "smoke"
     assert float(version.tags["val_ncm"]) == parent.data.metrics["best_val_ncm"]
     assert "eval/ncm_3px_k256" in version.tags
@@ -385,8 +362,8 @@ ENDED = re.compile(r"\]\s+(\w+) (finished|stopped early)")
 
 # Longer epochs and more trials than the shared smoke run, so that on an idle machine the study
 # is still running well after its first trials ended (the smoke study alone can end in 20 s).
-RESUME_SETTINGS = ("--set", "base.steps_per_epoch=8", "--set", "trials=8")
-RESUME_TRIALS = 8
+RESUME_SETTINGS = ("--set", "base.steps_per_epoch=8", "--set", "trials=5")
+RESUME_TRIALS = 5
 
 
 def _failure(run, folder: Path, output: str) -> str:
@@ -487,33 +464,77 @@ def test_failing_trials_end_failed_with_one_run_each_on_a_non_local_filesystem(t
     assert not study.client.search_runs([study.experiment_id()], "attributes.status = 'RUNNING'")
 
 
-def test_a_wall_budget_stops_the_study_resumably_and_a_larger_one_finishes_it(tmp_path):
-    settings = ("--set", "trials=3", "--set", "base.steps_per_epoch=4")
-    first = subprocess.run(_command(tmp_path, *settings, "--set", "budget.wall=15s"), cwd=tmp_path, env=_env(),
-                           check=False, capture_output=True, text=True, timeout=STUDY_TIMEOUT)
-    output = first.stdout + first.stderr
-    assert first.returncode == 0, output[-4000:]
-    assert re.search(r"study stopped: wall budget of 15 s spent \(\d\d s\); continue it with: "
-                     r"s2study run .*smoke.yaml --resume --set budget.wall=LARGER", output), output[-3000:]
-    study = Study(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", output)
-    (parent,) = study.parents()
-    assert parent.info.status == "KILLED" and "wall budget" in parent.data.tags["s2study.failure_reason"]
-    assert parent.data.metrics["budget/wall_hours_spent"] * 3600 >= 15
-    ended = [r for r in study.children() if r.data.tags["s2study.status"] in ("finished", "stopped_early")]
-    assert len(ended) < 3
+# ----------------------------------------------------------------------------- a study grown from the smoke study
+
+
+@dataclass
+class WarmStudy:
+    """``smoke-warm``: warm-started from the smoke study over a narrower space, stopped by a
+    wall budget, refused a resume on the spent budget, then resumed with a larger one."""
+
+    study: Study
+    fitting: list  # the smoke study's Optuna trials that fit the narrower space
+    first: subprocess.CompletedProcess
+    stopped: Any  # the parent run after the budget stopped the study
+    stopped_children: list
+    again: subprocess.CompletedProcess
+    last: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def warm(smoke) -> WarmStudy:
+    fitting = [t for t in _optuna_study(smoke).trials if t.params["lambda_ssl"] <= 0.6]
+    assert fitting and len(fitting) < TRIALS, "the smoke study's lambdas should straddle 0.6"
+    settings = ("--set", "name=smoke-warm", "--set", "warm_start.study=smoke", "--set", "space.lambda_ssl.high=0.6",
+                "--set", "trials=2", "--set", "base.steps_per_epoch=8", "--set", "evaluate.top_n=0")
+
+    def run(*extra: str, timeout: float = STUDY_TIMEOUT) -> subprocess.CompletedProcess:
+        return subprocess.run(_command(smoke.folder, *settings, *extra), cwd=smoke.folder, env=_env(), check=False,
+                              capture_output=True, text=True, timeout=timeout)
+
+    first = run("--set", "budget.wall=12s")
+    study = Study(smoke.folder, smoke.uri, first.stdout + first.stderr, name="smoke-warm")
+    assert first.returncode == 0, study.output[-4000:]
+    stopped = study.parents()[0]
+    stopped_children = study.children()
+    again = run("--set", "budget.wall=12s", "--resume", timeout=300)
+    last = run("--set", "budget.wall=1h", "--resume")
+    assert last.returncode == 0, (last.stdout + last.stderr)[-4000:]
+    return WarmStudy(study, fitting, first, stopped, stopped_children, again, last)
+
+
+def test_a_warm_started_study_holds_the_earlier_trials_that_fit_its_space(warm):
+    import optuna
+
+    skipped = TRIALS - len(warm.fitting)
+    assert (f"warm start: {len(warm.fitting)} trial(s) of study smoke seed the sampler (skipped {skipped}: "
+            f"{skipped} lambda_ssl outside this space)") in warm.study.output
+    storage = f"sqlite:///{warm.study.folder / 'results' / 'smoke-warm' / 'optuna.db'}"
+    trials = optuna.load_study(study_name="smoke-warm", storage=storage).trials
+    seeded = [t for t in trials if "s2study.warm_start_run" in t.user_attrs]
+    assert sorted((t.params["lambda_ssl"], t.value) for t in seeded) == sorted(
+        (t.params["lambda_ssl"], t.value) for t in warm.fitting)
+    new = [t for t in trials if t not in seeded and t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(new) == 2 and all(t.params["lambda_ssl"] <= 0.6 for t in new), trials
+
+
+def test_a_wall_budget_stops_the_study_resumably_and_a_larger_one_finishes_it(warm):
+    assert re.search(r"study stopped: wall budget of 12 s spent \(\d\d s\); continue it with: "
+                     r"s2study run .*smoke.yaml --resume --set budget.wall=LARGER", warm.study.output), (
+        warm.study.output[-3000:])
+    assert warm.stopped.info.status == "KILLED" and "wall budget" in warm.stopped.data.tags["s2study.failure_reason"]
+    assert warm.stopped.data.metrics["budget/wall_hours_spent"] * 3600 >= 12
+    ended = [r for r in warm.stopped_children if r.data.tags["s2study.status"] in ("finished", "stopped_early")]
+    assert len(ended) < 2
 
     # the same budget again: nothing is left of it, refused before anything starts
-    again = subprocess.run(_command(tmp_path, *settings, "--set", "budget.wall=15s", "--resume"), cwd=tmp_path,
-                           env=_env(), check=False, capture_output=True, text=True, timeout=300)
+    again = warm.again
     assert again.returncode == 2, again.stdout[-2000:] + again.stderr[-2000:]
     assert again.stderr.strip().splitlines()[-1].startswith("s2study: error: ") and "Traceback" not in again.stderr
-    assert "budget: the wall budget of 15 s spent" in again.stderr and "--set budget.wall=" in again.stderr
+    assert "budget: the wall budget of 12 s spent" in again.stderr and "--set budget.wall=" in again.stderr
 
-    last = subprocess.run(_command(tmp_path, *settings, "--set", "budget.wall=1h", "--resume"), cwd=tmp_path,
-                          env=_env(), check=False, capture_output=True, text=True, timeout=STUDY_TIMEOUT)
-    assert last.returncode == 0, (last.stdout + last.stderr)[-4000:]
-    (parent,) = study.parents()
-    assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["budget/wall_hours_spent"] * 3600 > 15  # counted over both attempts
-    runs = study.children()
-    assert len(runs) == 3 and all(r.data.tags["s2study.status"] in ("finished", "stopped_early") for r in runs)
+    (parent,) = warm.study.parents()
+    assert parent.info.run_id == warm.stopped.info.run_id and parent.info.status == "FINISHED"
+    assert parent.data.metrics["budget/wall_hours_spent"] * 3600 > 12  # counted over both attempts
+    runs = warm.study.children()
+    assert len(runs) == 2 and all(r.data.tags["s2study.status"] in ("finished", "stopped_early") for r in runs)

@@ -331,7 +331,7 @@ def test_ctrl_c_stops_cleanly_and_resume_completes(tmp_path):
         sampler={"name": "random", "seed": 0},
     )
     raw = yaml.safe_load(study.read_text())
-    raw["base"]["steps_per_epoch"] = 15  # still running when Ctrl-C comes, even on an idle machine
+    raw["base"]["steps_per_epoch"] = 10  # still running when Ctrl-C comes, even on an idle machine
     study.write_text(yaml.safe_dump(raw, sort_keys=False))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     driver = start_study(tmp_path, study)

@@ -19,7 +19,8 @@ import pytest
 from s2study.errors import ConfigError, EnvironmentProblem
 from s2study.study.budget import BudgetWatch, Spent, parse_duration
 from s2study.study.config import load_study
-from s2study.study.search import build_searcher, prepare_study, safe_url
+from s2study.study.optuna_store import prepare_study, safe_url
+from s2study.study.search import build_searcher
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
@@ -45,6 +46,18 @@ def test_optuna_is_told_each_trials_best_value_not_its_last(tmp_path):
     assert [t.value for t in stored.trials] == [9.0, 4.0, 7.0]
     assert stored.trials[0].intermediate_values == {1: 5.0, 2: 9.0, 3: 3.0}
     assert stored.user_attrs["s2study.storage"] == "/studies/smoke"
+
+
+def test_the_epoch_tune_hands_only_to_on_trial_complete_counts_too(tmp_path):
+    """When ASHA stops a trial (or it ends), Tune passes that epoch's result to
+    ``on_trial_complete`` alone: it is an intermediate value, and may be the best."""
+    cfg = _study(tmp_path)
+    searcher = build_searcher(cfg, prepare_study(cfg, "/studies/smoke"))
+    searcher.suggest("a")
+    searcher.on_trial_result("a", {"val_ncm": 5.0, "training_iteration": 1})
+    searcher.on_trial_complete("a", {"val_ncm": 12.0, "training_iteration": 2})
+    (trial,) = optuna.load_study(study_name="smoke", storage=cfg.optuna.storage).trials
+    assert trial.value == 12.0 and trial.intermediate_values == {1: 5.0, 2: 12.0}
 
 
 def test_minimised_metric_keeps_the_lowest_value(tmp_path):
@@ -176,3 +189,20 @@ def test_a_warm_start_from_a_study_that_does_not_exist_is_refused_listing_those_
         prepare_study(cfg, "/studies/smoke")
     with pytest.raises(ConfigError, match=r"warm_start.study: missing; name the earlier study"):
         _study(tmp_path, "warm_start.tracking=sqlite:///x.db")
+
+
+def test_a_trial_that_finished_after_the_saved_state_is_rerun_without_touching_its_optuna_trial(tmp_path):
+    """Tune reruns (from its checkpoint) a trial that ended after its last snapshot; the
+    Optuna storage already holds it finished, with the value it first ended with."""
+    cfg = _study(tmp_path)
+    searcher = build_searcher(cfg, prepare_study(cfg, "/studies/smoke"))
+    searcher.suggest("a")
+    searcher.on_trial_result("a", {"val_ncm": 4.0, "training_iteration": 1})
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    searcher.on_trial_complete("a", {"val_ncm": 6.0, "training_iteration": 2})  # then the driver died
+
+    restored = build_searcher(cfg, None)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    _epochs(restored, "a", [4.0, 5.0])  # rerun from its epoch-1 checkpoint: no error
+    (trial,) = optuna.load_study(study_name="smoke", storage=cfg.optuna.storage).trials
+    assert trial.state.name == "COMPLETE" and trial.value == 6.0

@@ -60,7 +60,7 @@ from s2study.errors import ConfigError, DataError, EnvironmentProblem
 from s2study.study import tracking
 from s2study.study.budget import BudgetWatch, Spent, interrupt_fit
 from s2study.study.config import StudyConfig, check_resources, cuda_corners, local_node_resources
-from s2study.study.search import safe_url
+from s2study.study.optuna_store import safe_url
 from s2study.study.space import corner_cases, overlay
 from s2study.study.trainable import (
     BEST_FILE,
@@ -442,7 +442,7 @@ class StudyProgress(tune.Callback):
 def build_tuner(cfg: StudyConfig, trainable: Any, storage_filesystem: Any | None = None,
                 optuna_storage: Any | None = None, watch: BudgetWatch | None = None):
     """The Tuner of a new study (see the module docstring); its Optuna study in
-    ``optuna_storage`` (:func:`s2study.study.search.prepare_study`; None: in memory)."""
+    ``optuna_storage`` (:func:`s2study.study.optuna_store.prepare_study`; None: in memory)."""
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -698,14 +698,14 @@ def _study_run(cfg: StudyConfig, fs: Any, folder: str, experiment_id: str, plan:
 
 def _optuna_storage(cfg: StudyConfig, exp_path: str, resume: bool, echo: Echo) -> Any | None:
     """The Optuna storage, opened before Ray starts: a new study's (an earlier dead attempt's
-    Optuna study replaced, warm-started, see :func:`~s2study.study.search.prepare_study`), or a
+    Optuna study replaced, warm-started, see :func:`~s2study.study.optuna_store.prepare_study`), or a
     resumed one's, which its restored searcher reopens (only checked here)."""
-    from s2study.study import search
+    from s2study.study import optuna_store
 
     if not resume:
-        return search.prepare_study(cfg, exp_path, echo)
+        return optuna_store.prepare_study(cfg, exp_path, echo)
     if cfg.optuna.storage != "memory":
-        search.open_storage(cfg.optuna.storage)
+        optuna_store.open_storage(cfg.optuna.storage)
     return None
 
 
@@ -999,9 +999,16 @@ def register_best_trial(cfg: StudyConfig, outcome: StudyOutcome, echo: Echo) -> 
     if best is None:
         echo(f"no trial reported {cfg.metric}; nothing registered as {cfg.register.name}")
         return None
+    evaluation = {tracking.metric_key(k): v for k, v in outcome.evaluated.get(best.trial_id, {}).items()}
     tags = {"s2study.study": cfg.name, "s2study.parent_run_id": outcome.parent_run_id,
-            "s2study.trial_id": best.trial_id, cfg.metric: best.best, **outcome.evaluated.get(best.trial_id, {})}
-    version = register_best(outcome.tracking_uri, cfg.register.name, best.run_id, outcome.parent_run_id, tags)
+            "s2study.trial_id": best.trial_id, cfg.metric: best.best, **evaluation}
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = register_best(outcome.tracking_uri, cfg.register.name, best.run_id, outcome.parent_run_id, tags)
+    except MlflowException as exc:  # the study itself is complete and recorded: say so, go on
+        echo(f"could not register {best.name} as model {cfg.register.name}: {_last_line(exc)}")
+        return None
     tracking.set_tags(outcome.tracking_uri, outcome.parent_run_id,
                       {"s2study.registered_model": f"models:/{cfg.register.name}/{version}"})
     echo(f"registered {best.name} as models:/{cfg.register.name}/{version}")
