@@ -19,7 +19,7 @@ import pytest
 from s2study.errors import ConfigError, EnvironmentProblem
 from s2study.study.budget import BudgetWatch, Spent, parse_duration
 from s2study.study.config import load_study
-from s2study.study.optuna_store import prepare_study, safe_url
+from s2study.study.optuna_store import prepare_study, safe_url, storage_url
 from s2study.study.search import build_searcher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,11 +94,12 @@ def test_a_dead_attempts_optuna_study_is_replaced_and_another_experiments_refuse
 
 def test_default_storage_is_beside_a_local_study_and_memory_beside_a_remote_one(tmp_path):
     local = load_study(SMOKE, cwd=tmp_path)
-    assert local.optuna.storage == f"sqlite:///{tmp_path / 's2study_results' / 'smoke' / 'optuna.db'}"
+    assert storage_url(local) == f"sqlite:///{tmp_path / 's2study_results' / 'smoke' / 'optuna.db'}"
+    assert storage_url(local, storage_filesystem=object()) == "memory"  # a custom filesystem: not this disk
     remote = load_study(SMOKE, ["storage=s3://bucket/studies"], cwd=tmp_path)
-    assert remote.optuna.storage == "memory"
+    assert storage_url(remote) == "memory"
     relative = load_study(SMOKE, ["optuna.storage=sqlite:///o.db"], cwd=tmp_path)
-    assert relative.optuna.storage == f"sqlite:///{tmp_path / 'o.db'}"
+    assert storage_url(relative) == f"sqlite:///{tmp_path / 'o.db'}"
     assert isinstance(prepare_study(remote, "s3://bucket/studies/smoke"), optuna.storages.InMemoryStorage)
 
 

@@ -284,7 +284,8 @@ class StudyConfig:
         trials: number of trials (Tune ``num_samples``).
         max_concurrent: trials running at once (None: as many as resources allow).
         resources / asha / sampler / tracking / evaluate / failure / system_metrics / optuna /
-            budget / register / warm_start: the sections above (``optuna.storage`` resolved: a URL or ``memory``).
+            budget / register / warm_start: the sections above (``optuna.storage``: None for the
+            default, ``memory`` or a URL).
         enqueue: configurations Optuna evaluates first, each ``{space key: value}``.
         metric / mode: what ASHA and Optuna optimise.
         storage: absolute local folder or a URI (``s3://...``) for Ray's experiment state.
@@ -402,7 +403,7 @@ def study_from_dict(raw: dict[str, Any], source: str, study_dir: Path | None = N
     return dataclasses.replace(
         cfg,
         enqueue=parse_enqueue(cfg.enqueue, space, base, source),
-        optuna=OptunaConfig(resolve_optuna_storage(cfg.optuna.storage, storage, name, cwd, source)),
+        optuna=OptunaConfig(resolve_optuna_storage(cfg.optuna.storage, cwd, source)),
         name=name,
         base=base,
         space=space,
@@ -491,16 +492,15 @@ def resolve_storage(storage: str | None, cwd: Path, source: str = "") -> str:
 OPTUNA_SCHEMES = ("sqlite", "postgresql", "mysql")
 
 
-def resolve_optuna_storage(url: str | None, storage: str, name: str, cwd: Path, source: str) -> str:
-    """``optuna.storage`` as used: ``memory`` or a database URL (a relative sqlite path made
-    absolute; the default beside a local Ray storage, see :class:`OptunaConfig`).
+def resolve_optuna_storage(url: str | None, cwd: Path, source: str) -> str | None:
+    """``optuna.storage`` checked: None (the default, decided when the study runs:
+    :func:`s2study.study.optuna_store.storage_url`), ``memory`` or a database URL (a relative
+    sqlite path made absolute).
 
     Raises:
         ConfigError: an in-memory sqlite URL or a scheme Optuna's RDB storage does not take.
     """
-    if url is None:
-        return "memory" if "://" in storage else f"sqlite:///{Path(storage) / name / 'optuna.db'}"
-    if url == "memory":
+    if url is None or url == "memory":
         return url
     where = f"{source}: optuna.storage"
     scheme = url.split("://", 1)[0].split("+")[0] if "://" in url else ""

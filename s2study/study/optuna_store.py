@@ -8,6 +8,7 @@ No Ray here: ``s2study report`` and the CLI's checks import it.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 from s2study.errors import ConfigError, EnvironmentProblem
@@ -48,9 +49,20 @@ def safe_url(url: str) -> str:
     return url
 
 
-def prepare_study(cfg: StudyConfig, experiment_path: str, echo: Any = print) -> Any:
+def storage_url(cfg: StudyConfig, storage_filesystem: Any | None = None) -> str:
+    """The study's Optuna storage: ``optuna.storage``, else an SQLite file beside a local Ray
+    storage (``<storage>/<name>/optuna.db``), else ``memory`` (an ``s3://`` storage or a custom
+    filesystem: a file there would not be on the driver's disk)."""
+    if cfg.optuna.storage is not None:
+        return cfg.optuna.storage
+    if "://" in cfg.storage or storage_filesystem is not None:
+        return "memory"
+    return f"sqlite:///{Path(cfg.storage) / cfg.name / 'optuna.db'}"
+
+
+def prepare_study(cfg: StudyConfig, experiment_path: str, url: str | None = None, echo: Any = print) -> Any:
     """The storage holding a new study's Optuna study, created there (warm-started from an
-    earlier study where ``warm_start`` names one).
+    earlier study where ``warm_start`` names one); ``url`` default :func:`storage_url`.
 
     ``optuna.storage: memory`` gives an in-memory storage (kept in Tune's searcher state). In a
     database, an Optuna study of the same name left by an earlier attempt at the same Ray
@@ -64,10 +76,11 @@ def prepare_study(cfg: StudyConfig, experiment_path: str, echo: Any = print) -> 
     """
     import optuna
 
-    if cfg.optuna.storage == "memory":
+    url = url or storage_url(cfg)
+    if url == "memory":
         storage = optuna.storages.InMemoryStorage()
     else:
-        storage = open_storage(cfg.optuna.storage)
+        storage = open_storage(url)
         try:
             existing = optuna.load_study(study_name=cfg.name, storage=storage)
         except KeyError:
@@ -76,7 +89,7 @@ def prepare_study(cfg: StudyConfig, experiment_path: str, echo: Any = print) -> 
             owner = existing.user_attrs.get(ATTR_STORAGE)
             if owner != experiment_path:
                 raise ConfigError(
-                    f"{cfg.source}: optuna.storage: {safe_url(cfg.optuna.storage)} already holds an Optuna study "
+                    f"{cfg.source}: optuna.storage: {safe_url(url)} already holds an Optuna study "
                     f"{cfg.name!r} ({len(existing.trials)} trials, of {owner or 'another program'}); pick another "
                     "study name or optuna.storage, or delete it: optuna delete-study --study-name "
                     f"{cfg.name} --storage URL")

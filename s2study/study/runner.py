@@ -57,10 +57,9 @@ from ray import tune
 from s2study.config.load import build_dataclass, config_to_dict, flatten
 from s2study.config.schema import DataConfig
 from s2study.errors import ConfigError, DataError, EnvironmentProblem
-from s2study.study import tracking
+from s2study.study import optuna_store, tracking
 from s2study.study.budget import BudgetWatch, Spent, interrupt_fit
 from s2study.study.config import StudyConfig, check_resources, cuda_corners, local_node_resources
-from s2study.study.optuna_store import safe_url
 from s2study.study.space import corner_cases, overlay
 from s2study.study.trainable import (
     BEST_FILE,
@@ -558,7 +557,9 @@ def run_study(
             raise ConfigError(f"{cfg.source}: --resume: nothing to resume at {exp_path} ({why}); run it without "
                               "--resume to start the study, or pass the --storage it was started with")
         plan = plan_resume(cfg, state, storage_filesystem)
-    optuna_storage = _optuna_storage(cfg, exp_path, resume, echo)
+    optuna_url = optuna_store.storage_url(cfg, storage_filesystem)
+    if optuna_url != "memory" and not optuna_url.startswith("sqlite:"):
+        optuna_store.open_storage(optuna_url)  # a database server that cannot be reached: say so before Ray
     watch = BudgetWatch(cfg.budget.wall_s, cfg.budget.gpu_s, cfg.resources.gpu,
                         Spent.from_state(state if resume else None))
     if resume and (spent := watch.exhausted()):
@@ -576,8 +577,10 @@ def run_study(
             if address:
                 _cluster_checks(cfg, storage_vouched=storage_filesystem is not None)
                 preflight_on_worker(cfg, echo)
+            # after every refusal: a new study's Optuna study is created (and warm-started) here
+            optuna_storage = None if resume else optuna_store.prepare_study(cfg, exp_path, optuna_url, echo)
             experiment_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
-            parent = _study_run(cfg, fs, folder, experiment_id, plan, state, study_text, echo)
+            parent = _study_run(cfg, fs, folder, experiment_id, plan, state, study_text, optuna_url, echo)
             outcome = StudyOutcome(cfg.name, exp_path, uri, experiment_id, parent)
             try:
                 outcome = _fit(cfg, outcome, plan is not None, storage_filesystem, optuna_storage, watch, echo)
@@ -660,7 +663,7 @@ def _drop_tune_restore_hint() -> None:
 
 
 def _study_run(cfg: StudyConfig, fs: Any, folder: str, experiment_id: str, plan: ResumePlan | None,
-               state: dict[str, Any] | None, study_text: str | None, echo: Echo) -> str:
+               state: dict[str, Any] | None, study_text: str | None, optuna_url: str, echo: Echo) -> str:
     """The study's parent run: the one ``plan`` found (``--resume``), else a new one (an
     earlier attempt's run, which never got as far as a Tune snapshot, is superseded)."""
     uri = cfg.tracking.uri
@@ -683,7 +686,7 @@ def _study_run(cfg: StudyConfig, fs: Any, folder: str, experiment_id: str, plan:
         parent = tracking.start_study_run(uri, experiment_id, cfg.name, study_params(cfg), tags={
             "s2study.space_keys": ",".join(s.key for s in cfg.space if s.sampled),
             "s2study.metric": cfg.metric, "s2study.mode": cfg.mode, tracking.TAG_STORAGE: exp_path,
-            tracking.TAG_OPTUNA: safe_url(cfg.optuna.storage)})
+            tracking.TAG_OPTUNA: optuna_store.safe_url(optuna_url)})
         if earlier is not None and earlier != parent:
             tracking.close_running_children(uri, experiment_id, earlier, "killed", "superseded")
             tracking.finish_run(uri, earlier, "killed", "superseded by a new attempt")
@@ -694,19 +697,6 @@ def _study_run(cfg: StudyConfig, fs: Any, folder: str, experiment_id: str, plan:
     if study_text is not None:
         tracking.log_text(uri, parent, study_text, "study/study.yaml")
     return parent
-
-
-def _optuna_storage(cfg: StudyConfig, exp_path: str, resume: bool, echo: Echo) -> Any | None:
-    """The Optuna storage, opened before Ray starts: a new study's (an earlier dead attempt's
-    Optuna study replaced, warm-started, see :func:`~s2study.study.optuna_store.prepare_study`), or a
-    resumed one's, which its restored searcher reopens (only checked here)."""
-    from s2study.study import optuna_store
-
-    if not resume:
-        return optuna_store.prepare_study(cfg, exp_path, echo)
-    if cfg.optuna.storage != "memory":
-        optuna_store.open_storage(cfg.optuna.storage)
-    return None
 
 
 def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesystem: Any | None,

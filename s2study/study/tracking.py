@@ -508,10 +508,13 @@ def missing_runs(uri: str, run_ids: list[str]) -> list[str]:
 
 @_retried("reopen a run")
 def reopen_run(uri: str, run_id: str) -> None:
-    """Mark a run RUNNING again (a resumed study or trial continues its own run)."""
+    """Mark a run RUNNING again (a resumed study or trial continues its own run); the reason
+    its last attempt ended with no longer holds."""
     c = client(uri)
     c.update_run(run_id, status="RUNNING")
     c.set_tag(run_id, TAG_STATUS, "running")
+    if TAG_REASON in c.get_run(run_id).data.tags:
+        c.delete_tag(run_id, TAG_REASON)
 
 
 def finish_run(uri: str, run_id: str, status: str, reason: str | None = None) -> None:
