@@ -352,6 +352,11 @@ def check_tracking_for_cluster(uri: str, n_nodes: int) -> None:
 # --------------------------------------------------------------------------- studies on clusters
 
 
+def _max_gpu(study: Any) -> float:
+    """The largest GPU request of a study's trials: ``resources`` and each ``resources_when`` entry."""
+    return max([study.resources.gpu, *(r.resources.gpu for r in getattr(study, "resources_when", ()))])
+
+
 def check_study_resources(study: Any) -> list[str]:
     """What a study asks of every trial that no cluster can give it.
 
@@ -361,7 +366,7 @@ def check_study_resources(study: Any) -> list[str]:
     Returns:
         Problems in plain words (without the file name); empty when the request is fine.
     """
-    gpu = study.resources.gpu
+    gpu = _max_gpu(study)
     if gpu > 1:
         return [
             (
@@ -389,7 +394,7 @@ def check_study_for_cluster(study: Any, path: str | os.PathLike[str]) -> list[st
         Problems in plain words naming both files; empty when a GPU may be offered, when the
         study needs none, or when the file cannot be read (:func:`check_cluster_file` says why).
     """
-    gpu = study.resources.gpu
+    gpu = _max_gpu(study)
     if gpu <= 0:
         return []
     try:

@@ -7,6 +7,10 @@ disk as ``.npz`` files keyed by the extractor's ``cache_key``, a hash of the ima
 K, so a re-run (or another method added to a table) extracts nothing twice, and a cache can
 never be stale: a changed checkpoint, option or image gives a new key.
 
+Every result names its protocol: ``aligned`` (the dataset's own ground truth, the identity for
+pixel-aligned pairs) or ``warped:SEED`` (image B of each pair offset by a homography drawn from
+the seed and the pair id, :mod:`s2study.data.warp`; ``--warp SEED`` on the command line).
+
 Also here: the JSON / CSV / table writers, :func:`evaluate_checkpoint` (used by the study
 after training), and the ``eval``, ``match`` and ``extract`` subcommands.
 """
@@ -53,6 +57,7 @@ class EvalResult:
         methods: table names, in order; cache_keys: method -> extractor cache key.
         means: method -> K -> :class:`~s2study.metrics.MeanMetrics`.
         pairs: method -> K -> per-pair :class:`~s2study.metrics.PairMetrics` (pair_ids order).
+        protocol: ``"aligned"`` or ``"warped:SEED"`` (:mod:`s2study.data.warp`).
     """
 
     dataset: str
@@ -65,6 +70,7 @@ class EvalResult:
     cache_keys: dict[str, str] = field(default_factory=dict)
     means: dict[str, dict[int, MeanMetrics]] = field(default_factory=dict)
     pairs: dict[str, dict[int, list[PairMetrics]]] = field(default_factory=dict)
+    protocol: str = "aligned"
 
     def metrics(self, method: str) -> dict[str, float]:
         """Flat named means of one method over every K (``ncm@3px_k1024``, ...)."""
@@ -78,6 +84,7 @@ class EvalResult:
         return {
             "dataset": self.dataset,
             "split": self.split,
+            "protocol": self.protocol,
             "num_pairs": len(self.pair_ids),
             "pair_ids": self.pair_ids,
             "ks": list(self.ks),
@@ -108,6 +115,7 @@ class EvalResult:
             ks=tuple(int(k) for k in data["ks"]),
             threshold=float(data["threshold"]),
             thresholds=tuple(float(t) for t in data["thresholds"]),
+            protocol=str(data.get("protocol", "aligned")),  # files older than the field
         )
         for name, entry in data["methods"].items():
             result.methods.append(name)
@@ -223,6 +231,7 @@ def evaluate(
     max_pairs: int | None = None,
     dataset_name: str | None = None,
     split: str = "",
+    protocol: str | None = None,
 ) -> EvalResult:
     """Evaluate extractors on every pair of ``dataset`` at each K (design.md section 2).
 
@@ -239,14 +248,19 @@ def evaluate(
         main_threshold: threshold of NCM, CMR and repeatability (px).
         max_pairs: evaluate only the first pairs.
         dataset_name / split: labels stored in the result.
+        protocol: ``"aligned"`` or ``"warped:SEED"``, stored in the result; default the
+            dataset's ``protocol`` attribute (a :class:`~s2study.data.warp.WarpedPairs` has
+            one), else ``"aligned"``.
 
     Returns:
         :class:`EvalResult`.
     """
     from tqdm.auto import tqdm
 
+    from s2study.data.warp import check_protocol
     from s2study.geometry import flow_from_homography
 
+    protocol = check_protocol(protocol or str(getattr(dataset, "protocol", "aligned")))
     ks = check_ks(ks)
     main_threshold, curve = check_thresholds(main_threshold, thresholds)
     if not extractors:
@@ -289,6 +303,7 @@ def evaluate(
         cache_keys={m: str(getattr(e, "cache_key", "")) for m, e in zip(names, extractors)},
         means={m: {k: mean_metrics(per_pair[m][k]) for k in ks} for m in names},
         pairs=per_pair,
+        protocol=protocol,
     )
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
@@ -307,17 +322,23 @@ def evaluate_checkpoint(
     thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
     max_pairs: int | None = None,
     progress: bool = False,
+    warp: int | None = None,
 ) -> EvalResult:
     """Evaluate one checkpoint (or baseline name) on ``split`` of ``data_cfg``'s dataset.
 
     The study calls this on the best trial's checkpoint; the outputs of :func:`evaluate` go
-    to ``out_dir`` when given.
+    to ``out_dir`` when given. ``warp``: None for the aligned protocol, or a seed for the
+    warped one (:class:`~s2study.data.warp.WarpedPairs`).
     """
     from s2study.data.datasets import open_dataset
+    from s2study.data.warp import WarpedPairs, check_seed
     from s2study.extractor import load_extractor
 
+    warp = None if warp is None else check_seed(warp)
     extractor = load_extractor(checkpoint_path, device=device, multiscale=multiscale)
     dataset = open_dataset(data_cfg, split)
+    if warp is not None:
+        dataset = WarpedPairs(dataset, warp)
     return evaluate(
         [extractor],
         dataset,
@@ -362,7 +383,8 @@ def write_csv(result: EvalResult, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = threshold_tag(result.threshold)
-    header = ["method", "k", "num_pairs", "nc", f"ncm@{tag}", f"cmr@{tag}", f"rep@{tag}"]
+    header = ["method", "protocol", "k", "num_pairs", "nc"]
+    header += [f"ncm@{tag}", f"cmr@{tag}", f"rep@{tag}"]
     header += [f"ncm@{threshold_tag(t)}" for t in result.thresholds]
     header += [f"cmr@{threshold_tag(t)}" for t in result.thresholds]
     with path.open("w", newline="") as f:
@@ -374,6 +396,7 @@ def write_csv(result: EvalResult, path: Path) -> Path:
                 writer.writerow(
                     [
                         m,
+                        result.protocol,
                         k,
                         s.num_pairs,
                         *(f"{v:.4f}" for v in (s.nc, s.ncm, s.cmr, s.repeatability)),
@@ -395,6 +418,7 @@ def format_table(result: EvalResult) -> str:
     name_w = max(6, *(len(m) for m in result.methods))
     block_w = width * len(result.ks)
     title = f"{result.dataset} {result.split} ({len(result.pair_ids)} pairs)".replace("  ", " ")
+    title += f", protocol {result.protocol}"
     head1 = " " * name_w + "".join(f" | {label:^{block_w}}" for label, _, _ in blocks)
     head2 = f"{'method':<{name_w}}" + "".join(
         " | " + "".join(f"{'K=' + str(k):>{width}}" for k in result.ks) for _ in blocks
@@ -491,20 +515,36 @@ def _add_extractor_args(p: argparse.ArgumentParser, many: bool) -> None:
     p.add_argument("--multiscale", action="store_true", help="extract on the image pyramid")
 
 
+def _add_warp_arg(p: argparse.ArgumentParser) -> None:
+    # parsed as text and checked by check_seed, so a bad value is the usual one-line error
+    p.add_argument(
+        "--warp",
+        default=None,
+        metavar="SEED",
+        help="warped protocol: offset each image B by a homography drawn from SEED (a "
+        "non-negative integer) and the pair id (rotation up to 10 deg, scale 1-1.2, corners "
+        "jittered up to 10%%); the ground truth becomes W @ H",
+    )
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from s2study.data.datasets import open_dataset
+    from s2study.data.warp import WarpedPairs, check_seed
     from s2study.extractor import load_extractor
     from s2study.paths import output_dir
 
     data_cfg = parse_data_spec(args.data)
     ks = check_ks(args.k)
     check_thresholds(args.threshold, DEFAULT_THRESHOLDS)
+    warp = None if args.warp is None else check_seed(args.warp, "--warp")
     out = output_dir(args.out)
     dataset = open_dataset(data_cfg, args.split)
     extractors = [
         load_extractor(c, device=args.device, multiscale=args.multiscale) for c in args.checkpoint
     ]
     cache = None if args.no_cache else Path(args.cache_dir or out / "cache")
+    if warp is not None:
+        dataset = WarpedPairs(dataset, warp, cache_dir=cache)  # warped B PNGs in cache/warp-SEED
     result = evaluate(
         extractors,
         dataset,
@@ -524,20 +564,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_match(args: argparse.Namespace) -> int:
     from s2study.data.datasets import read_image
+    from s2study.data.pairs import PairSample
+    from s2study.data.warp import check_seed, protocol_name, warp_sample
     from s2study.extractor import load_extractor
     from s2study.geometry import flow_from_homography
     from s2study.metrics import match_errors, mutual_nearest_neighbours, repeatability
     from s2study.plots import draw_matches
 
+    warp = None if args.warp is None else check_seed(args.warp, "--warp")
+    if args.pair_id is not None and warp is None:
+        raise ConfigError("--pair-id names the pair a warp is drawn for: it needs --warp SEED")
     image_a, image_b = read_image(Path(args.image_a)), read_image(Path(args.image_b))
+    gt = None if args.gt is None else read_ground_truth(args.gt)
+    if warp is not None:
+        # the eval protocol's warp of this pair (drawn from the seed and the pair id); without
+        # --gt the pair is taken as aligned, so the ground truth is W itself
+        pair_id = args.pair_id if args.pair_id is not None else Path(args.image_a).stem
+        sample = PairSample(image_a, image_b, np.eye(3) if gt is None else gt, pair_id)
+        sample = warp_sample(sample, warp)
+        image_b, gt = sample.image_b, sample.homography
     extractor = load_extractor(args.checkpoint, device=args.device, multiscale=args.multiscale)
     kp_a = to_keypoints(extractor(image_a, max_keypoints=args.k))
     kp_b = to_keypoints(extractor(image_b, max_keypoints=args.k))
     matches = mutual_nearest_neighbours(kp_a.descriptors, kp_b.descriptors)
     correct = known = None
     summary = f"{extractor.name}: {len(kp_a)} / {len(kp_b)} keypoints, NC={len(matches)}"
-    if args.gt is not None:
-        homography = torch.from_numpy(read_ground_truth(args.gt)).float()
+    if gt is not None:
+        homography = torch.from_numpy(gt).float()
         flow, valid = flow_from_homography(homography, image_a.shape[:2], image_b.shape[:2])
         err = match_errors(kp_a.xy, kp_b.xy, matches, flow, valid)
         correct, known = (err <= args.threshold).numpy(), torch.isfinite(err).numpy()
@@ -546,6 +599,7 @@ def _cmd_match(args: argparse.Namespace) -> int:
         rep = float(repeatability(kp_a.xy, kp_b.xy, flow, valid, args.threshold))
         tag = threshold_tag(args.threshold)
         summary += f", NCM@{tag}={ncm}, CMR@{tag}={cmr:.2f}%, rep@{tag}={rep:.2f}%"
+        summary += f", protocol {protocol_name(warp)}"
     draw_matches(
         image_a,
         image_b,
@@ -603,13 +657,15 @@ def register_cli(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="feature cache (default OUT/cache)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_warp_arg(p)
     p.set_defaults(func=_cmd_eval)
 
     p = subparsers.add_parser(
         "match",
         help="match two images and draw the matches (green correct, red wrong)",
         description="Mutual-nearest-neighbour matches between two images, drawn side by side; "
-        "with --gt, correct matches are green, wrong red, unknown yellow.",
+        "with --gt, correct matches are green, wrong red, unknown yellow; with --warp SEED, "
+        "IMAGE_B is first warped as eval --warp SEED warps it (ground truth W, or W @ GT).",
     )
     _add_extractor_args(p, many=False)
     p.add_argument("image_a", metavar="IMAGE_A")
@@ -623,6 +679,14 @@ def register_cli(subparsers) -> None:
     p.add_argument("--k", type=_positive(int, "--k"), default=1024)
     p.add_argument("--threshold", type=_positive(float, "--threshold"), default=DEFAULT_THRESHOLD)
     p.add_argument("--out", default="matches.png")
+    _add_warp_arg(p)
+    p.add_argument(
+        "--pair-id",
+        default=None,
+        metavar="ID",
+        help="with --warp: the pair id the warp is drawn for, as eval draws it (default the "
+        "file stem of IMAGE_A, the RoadScene id)",
+    )
     p.set_defaults(func=_cmd_match)
 
     p = subparsers.add_parser(

@@ -61,9 +61,10 @@ def plot_curves(result: EvalResult, metric: str, path: Path, ks: list[int] | Non
 
 
 def plot_lambda_curves(
-    curves: dict[str, dict[int, list[tuple[float, float]]]], path: str | Path, title: str
+    curves: dict[str, dict[int, list[tuple[float, float, float | None]]]], path: str | Path, title: str
 ) -> Path:
-    """NCM against lambda, one panel per series (method and dataset), one line per K (Fig. 3).
+    """NCM against lambda, one panel per series (method and dataset), one line per K (Fig. 3);
+    error bars of one sample standard deviation where a lambda has several runs.
 
     Args:
         curves: :func:`s2study.report.lambda_curves` output.
@@ -78,8 +79,9 @@ def plot_lambda_curves(
     axes = fig.subplots(1, len(curves), squeeze=False)[0]
     for ax, (name, by_k) in zip(axes, curves.items()):
         for k, points in by_k.items():
-            lams, values = zip(*points)
-            ax.plot(lams, values, marker="o", markersize=4, label=f"K = {k}")
+            lams, means, stds = zip(*points)
+            errors = [s or 0.0 for s in stds] if any(s is not None for s in stds) else None
+            ax.errorbar(lams, means, yerr=errors, marker="o", markersize=4, capsize=3, label=f"K = {k}")
         ax.set_title(name)
         ax.set_xlabel("lambda (SSL weight)")
         ax.set_ylabel(_LABELS["ncm"])

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from s2study.errors import ConfigError
+from s2study.study.repeats import format_spreads
+from s2study.study.tracking import TAG_REPEAT_OF, TAG_TRIAL
 
 DATASET_LABELS = {"roadscene": "RoadScene", "rgbnir": "RGB-NIR"}
-_EVAL_KEY = re.compile(r"^eval/(?P<m>nc|ncm|cmr|rep)(?:_(?P<t>[\d.]+px))?_k(?P<k>\d+)$")
+_EVAL_KEY = re.compile(r"^eval/(?:(?P<p>warped)/)?(?P<m>nc|ncm|cmr|rep)(?:_(?P<t>[\d.]+px))?_k(?P<k>\d+)$")
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -84,7 +86,8 @@ def method_label(method: str, lambda_ssl: float | None) -> str:
 
 
 def paper_tables(evaluated: list[dict[str, Any]]) -> str:
-    """Tables I-III of the paper (NC, NCM, CMR) from evaluated trials.
+    """Tables I-III of the paper (NC, NCM, CMR) from evaluated trials; warped-protocol
+    evaluations (``eval/warped/...``) get columns of their own beside the aligned ones.
 
     Args:
         evaluated: one entry per trial: ``method``, ``dataset``, ``lambda_ssl``, ``name`` and
@@ -93,7 +96,7 @@ def paper_tables(evaluated: list[dict[str, Any]]) -> str:
     Returns:
         Three text tables, rows = method labels, columns = dataset x K.
     """
-    cells: dict[tuple[str, str], dict[tuple[str, int], float]] = {}
+    cells: dict[tuple[str, str], dict[tuple[str, str, int], float]] = {}
     labels: dict[tuple[str, str], str] = {}
     tags: dict[str, str] = {}
     for e in evaluated:
@@ -103,49 +106,56 @@ def paper_tables(evaluated: list[dict[str, Any]]) -> str:
             label = f"{label} [{e['name']}]"
             key = (label, e["dataset"])
         labels[key] = label
-        values: dict[tuple[str, int], float] = {}
+        values: dict[tuple[str, str, int], float] = {}
         for k, v in e["metrics"].items():
             m = _EVAL_KEY.match(k)
             if m:
-                values[(m["m"], int(m["k"]))] = v
+                values[(m["m"], m["p"] or "", int(m["k"]))] = v
                 if m["t"]:
                     tags[m["m"]] = m["t"]
         cells[key] = values
     if not cells:
         return "(no evaluated trials)"
     datasets = sorted({d for _, d in cells}, key=lambda d: list(DATASET_LABELS).index(d) if d in DATASET_LABELS else 99)
-    ks = sorted({k for v in cells.values() for _, k in v})
+    ks = sorted({k for v in cells.values() for _, _, k in v})
+    protocols = sorted({p for v in cells.values() for _, p, _ in v})  # "" (aligned) first, then "warped"
+    columns = [(d, p, k) for d in datasets for p in protocols for k in ks]
     rows_labels = sorted({lab for lab, _ in cells}, key=_label_order)
     out = []
     titles = (("nc", "TABLE I: number of correspondences (NC)"),
               ("ncm", f"TABLE II: number of correct matches (NCM@{tags.get('ncm', '3px')})"),
               ("cmr", f"TABLE III: ratio of correct matches, % (CMR@{tags.get('cmr', '3px')})"))
     for metric, title in titles:
-        headers = ["method", *(f"{DATASET_LABELS.get(d, d)} K={k}" for d in datasets for k in ks)]
-        rows = [[lab, *(cells.get((lab, d), {}).get((metric, k)) for d in datasets for k in ks)]
-                for lab in rows_labels]
+        headers = ["method", *(" ".join([DATASET_LABELS.get(d, d), *([p] if p else []), f"K={k}"])
+                               for d, p, k in columns)]
+        rows = [[lab, *(cells.get((lab, d), {}).get((metric, p, k)) for d, p, k in columns)] for lab in rows_labels]
         out.append(f"{title}\n{text_table(headers, rows, digits=1 if metric != 'cmr' else 2)}")
     return "\n\n".join(out)
 
 
-def lambda_curves(evaluated: list[dict[str, Any]], metric: str = "ncm") -> dict[str, dict[int, list[tuple[float, float]]]]:
-    """The paper's Fig. 3 data: per method and dataset, per K, ``(lambda, metric)`` by lambda.
+def lambda_curves(evaluated: list[dict[str, Any]], metric: str = "ncm"
+                  ) -> dict[str, dict[int, list[tuple[float, float, float | None]]]]:
+    """The paper's Fig. 3 data: per method and dataset, per K, ``(lambda, mean, std)`` by lambda.
 
-    Only series with at least two lambda values are returned (a curve needs two points).
+    Runs at the same lambda (repeats with other seeds) give one point: their mean and sample
+    standard deviation (None for one run). Only series with at least two lambda values are
+    returned (a curve needs two points).
     """
-    series: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    from s2study.study.repeats import mean_std
+
+    values: dict[str, dict[int, dict[float, list[float]]]] = {}
     for e in evaluated:
         if e.get("lambda_ssl") is None:
             continue
         name = f"{_label(e['method'])} {DATASET_LABELS.get(e['dataset'], e['dataset'])}"
         for key, value in e["metrics"].items():
             m = _EVAL_KEY.match(key)
-            if m and m["m"] == metric:
-                series.setdefault(name, {}).setdefault(int(m["k"]), []).append((e["lambda_ssl"], value))
+            if m and m["m"] == metric and not m["p"]:
+                values.setdefault(name, {}).setdefault(int(m["k"]), {}).setdefault(e["lambda_ssl"], []).append(value)
     return {
-        name: {k: sorted(points) for k, points in sorted(by_k.items())}
-        for name, by_k in series.items()
-        if len({lam for points in by_k.values() for lam, _ in points}) >= 2
+        name: {k: [(lam, *mean_std(v)) for lam, v in sorted(by_lambda.items())] for k, by_lambda in sorted(by_k.items())}
+        for name, by_k in values.items()
+        if len({lam for by_lambda in by_k.values() for lam in by_lambda}) >= 2
     }
 
 
@@ -171,26 +181,31 @@ def study_report(uri: str, study_or_run: str, lambda_plot: str | None = None) ->
     keys = [k for k in tags.get("s2study.space_keys", "").split(",") if k]
     best_key = f"best_{metric}"
     sign = -1 if mode == "max" else 1
-    trials = sorted(rec.trials, key=lambda r: (best_key not in r.metrics, sign * r.metrics.get(best_key, 0.0)))
+    ranked = sorted(rec.trials, key=lambda r: (best_key not in r.metrics, sign * r.metrics.get(best_key, 0.0)))
+    trials = [r for r in ranked if TAG_REPEAT_OF not in r.tags]
+    repeat_runs = [r for r in ranked if TAG_REPEAT_OF in r.tags]
     rows, evaluated = [], []
     for r in trials:
         sampled = json.loads(r.tags.get("s2study.sampled", "{}"))
         rows.append({"trial": r.name, "status": r.s2status, "epochs": _int(r.metrics.get("epoch")),
                      "best": r.metrics.get(best_key), **{k: sampled.get(k) for k in keys}})
+    for r in ranked:
         if any(k.startswith("eval/") for k in r.metrics):
             lam = r.params.get("lambda_ssl")
             evaluated.append({"name": r.name, "method": r.params.get("method.name", "?"),
-                              "dataset": r.params.get("data.dataset", "?"),
+                              "dataset": r.params.get("data.dataset", "?"), "repeat": TAG_REPEAT_OF in r.tags,
                               "lambda_ssl": float(lam) if lam is not None else None, "metrics": r.metrics})
     head = (f"study {rec.parent.tags.get('s2study.study', rec.parent.name)} (experiment {rec.experiment}, "
             f"run {rec.parent.run_id}, {rec.parent.s2status}); {len(trials)} trials ranked by {metric} ({mode})")
     parts = [head, format_trials(rows, metric)]
+    if repeat_runs:
+        parts.append(format_spreads(_spreads(trials, repeat_runs, metric), metric, keys))
     importances = _importances(tags.get("s2study.optuna_storage", ""), tags.get("s2study.study", rec.parent.name))
     if importances:
         parts.append(importances)
     if evaluated:
         split = next((r.tags.get("s2study.eval_split") for r in trials if "s2study.eval_split" in r.tags), "")
-        parts.append(f"evaluation ({split}):\n\n" + paper_tables(evaluated))
+        parts.append(f"evaluation ({split}):\n\n" + paper_tables([e for e in evaluated if not e["repeat"]]))
     if lambda_plot:
         from s2study.plots import plot_lambda_curves
 
@@ -201,6 +216,19 @@ def study_report(uri: str, study_or_run: str, lambda_plot: str | None = None) ->
         name = rec.parent.tags.get("s2study.study", rec.parent.name)
         parts.append(f"lambda curve written to {plot_lambda_curves(curves, lambda_plot, f'{name}: NCM vs lambda')}")
     return "\n\n".join(parts)
+
+
+def _spreads(trials: list[Any], repeat_runs: list[Any], metric: str) -> list[Any]:
+    """Mean and spread per repeated configuration from the runs MLflow holds (search runs
+    ranked best first, repeat runs): each configuration's complete runs."""
+    from s2study.study.repeats import Member, spreads
+
+    repeated = {r.tags[TAG_REPEAT_OF] for r in repeat_runs}
+    originals = {r.tags.get(TAG_TRIAL, ""): (r.name, json.loads(r.tags.get("s2study.sampled", "{}")))
+                 for r in trials if r.tags.get(TAG_TRIAL) in repeated}
+    members = [Member(r.tags.get(TAG_REPEAT_OF) or r.tags.get(TAG_TRIAL, ""), r.metrics.get(f"best_{metric}"), r.metrics)
+               for r in [*trials, *repeat_runs] if r.s2status == "finished"]
+    return spreads(members, originals, metric)
 
 
 def _importances(storage: str, study: str) -> str:

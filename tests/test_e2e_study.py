@@ -88,21 +88,26 @@ class Study:
     def parents(self):
         return self.client.search_runs([self.experiment_id()], "tags.`s2study.role` = 'study'")
 
-    def children(self):
+    def children(self, repeats: bool = False):
+        """The search's trial runs, or with ``repeats`` the repeats' runs."""
         parent = self.parents()[0].info.run_id
-        return self.client.search_runs([self.experiment_id()], f"tags.mlflow.parentRunId = '{parent}'")
+        runs = self.client.search_runs([self.experiment_id()], f"tags.mlflow.parentRunId = '{parent}'")
+        return [r for r in runs if ("s2study.repeat_of" in r.data.tags) == repeats]
 
 
 # the first trial's configuration, given in the study (``enqueue``) rather than sampled
 ENQUEUED = {"lambda_ssl": 0.4, "ssl.rotation_deg": 30.0}
 MODEL = "s2study-smoke"  # the registered model the best trial becomes a version of
+REPEATED, SEEDS = 1, 3  # after the search, the best configuration until it has 3 complete runs
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Study:
     folder = tmp_path_factory.mktemp("smoke")
     enqueue = "enqueue=[{" + ", ".join(f"{k}: {v}" for k, v in ENQUEUED.items()) + "}]"
-    proc = subprocess.run(_command(folder, "--set", enqueue, "--set", f"register.name={MODEL}"), cwd=folder,
+    proc = subprocess.run(_command(folder, "--set", enqueue, "--set", f"register.name={MODEL}",
+                                   "--set", f"repeats.top_n={REPEATED}", "--set", f"repeats.seeds={SEEDS}",
+                                   "--set", "evaluate.top_n=2"), cwd=folder,
                           env=_env(), check=False,
                           capture_output=True, text=True, timeout=STUDY_TIMEOUT)
     output = proc.stdout + proc.stderr
@@ -299,6 +304,43 @@ def test_report_ranks_the_trials(smoke):
     assert best == sorted(best, reverse=True)
 
 
+def test_repeats_train_the_best_configuration_with_other_seeds_and_report_its_spread(smoke, tmp_path):
+    import statistics
+
+    (parent,) = smoke.parents()
+    best = max(smoke.children(), key=lambda r: r.data.metrics["best_val_ncm"])
+    trial_id, sampled = best.data.tags["s2study.trial_id"], json.loads(best.data.tags["s2study.sampled"])
+    repeats = smoke.children(repeats=True)
+    own = best.data.tags["s2study.status"] == "finished"  # the search's run counts when it trained every epoch
+    assert len(repeats) == (SEEDS - 1 if own else SEEDS), [r.data.tags for r in repeats]
+    assert sorted(int(r.data.params["seed"]) for r in repeats) == list(range(1, len(repeats) + 1))
+    for run in repeats:
+        assert run.data.tags["s2study.repeat_of"] == trial_id and run.info.run_name.startswith("run_repeat_")
+        assert {k: v for k, v in json.loads(run.data.tags["s2study.sampled"]).items() if k != "seed"} == sampled
+        assert run.data.tags["s2study.status"] == "finished" and run.info.status == "FINISHED"
+        assert _history_steps(smoke.client, run.info.run_id, "val_ncm") == list(range(1, MAX_EPOCHS + 1))
+        assert "eval/ncm_3px_k256" in run.data.metrics  # every complete run of the configuration is evaluated
+    assert len(_optuna_study(smoke).trials) == TRIALS  # the searcher never saw them
+
+    members = [best] * own + repeats
+    for figure in ("best_val_ncm", "eval/ncm_3px_k256"):
+        values = [m.data.metrics[figure] for m in members]
+        name = figure.replace("@", "_")
+        assert parent.data.metrics[f"repeats/{trial_id}/{name}_mean"] == pytest.approx(statistics.fmean(values))
+        assert parent.data.metrics[f"repeats/{trial_id}/{name}_std"] == pytest.approx(statistics.stdev(values))
+    assert parent.data.metrics[f"repeats/{trial_id}/n"] == SEEDS
+    values = [m.data.metrics["best_val_ncm"] for m in members]
+    row = f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
+    assert row in smoke.output  # the summary s2study run prints
+    report = subprocess.run([sys.executable, "-m", "s2study", "report", "smoke", "--tracking-uri", smoke.uri,
+                             "--lambda-plot", str(tmp_path / "lambda.png")],
+                            check=False, capture_output=True, text=True, env=_env(), timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    (line,) = [line for line in report.stdout.splitlines() if line.startswith(best.info.run_name)]
+    assert f" {SEEDS} " in line and row in line, report.stdout
+    assert (tmp_path / "lambda.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -329,6 +371,7 @@ def test_mlflow_server_serves_the_study_over_rest(smoke):
         runs = _post(f"{base}/api/2.0/mlflow/runs/search", {
             "experiment_ids": [exp["experiment_id"]], "filter": f"tags.mlflow.parentRunId = '{parent_id}'",
             "order_by": ["metrics.best_val_ncm DESC"]})["runs"]
+        runs = [r for r in runs if "s2study.repeat_of" not in {t["key"] for t in r["data"]["tags"]}]
         assert len(runs) == TRIALS
         best = runs[0]["info"]["run_id"]
         tags = {t["key"]: t["value"] for t in parents[0]["data"]["tags"]}

@@ -17,7 +17,14 @@ import yaml
 from s2study.cli import main as cli_main
 from s2study.config.load import train_config_from_dict
 from s2study.errors import ConfigError
-from s2study.study.config import check_resources, load_study, study_from_dict
+from s2study.study.config import (
+    ResourcesConfig,
+    check_resources,
+    load_study,
+    resource_sets,
+    study_from_dict,
+    trial_resources,
+)
 from s2study.study.space import DefineByRun, grid_values, overlay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +176,20 @@ def _study(tmp_path, **changes):
     ({"evaluate": {"split": "tests"}}, r"evaluate.split: unknown split 'tests'"),
     ({"tracking": {"uri": "./mlruns"}}, r"bad.yaml: tracking.uri: .*file store"),
     ({"name": "my study"}, r"name: 'my study' is not allowed"),
+    ({"resources_when": {"method.name": "d2net"}}, r"bad.yaml: resources_when: expected a list of \{when: "),
+    ({"resources_when": [{"cpu": 2}]}, r"bad.yaml: resources_when\[0\]: expected a list of \{when: "),
+    ({"resources_when": [{"when": {"method.name": "d2net"}}]}, r"resources_when\[0\]: give cpu and/or gpu"),
+    ({"resources_when": [{"when": {"method.nme": "d2net"}, "cpu": 2}]},
+     r"bad.yaml: resources_when\[0\].when.method.nme: .*did you mean 'name'"),
+    ({"resources_when": [{"when": {"method.name": "d2net"}, "gpus": 1}]},
+     r"bad.yaml: resources_when\[0\].gpus: unknown key 'gpus' \(did you mean 'gpu'\?\)"),
+    ({"resources_when": [{"when": {"method.name": "d2net"}, "cpu": 0}]},
+     r"bad.yaml: resources_when\[0\].cpu: must be > 0, got 0"),
+    ({"repeats": {"top_n": -1}}, r"bad.yaml: repeats.top_n: must be >= 0 \(0: no repeats\), got -1"),
+    ({"repeats": {"top_n": 2, "seeds": 1}}, r"bad.yaml: repeats.seeds: must be >= 2 .*got 1"),
+    ({"repeats": {"top_n": 2, "seed": 3}}, r"bad.yaml: repeats.seed: unknown key 'seed' \(did you mean 'seeds'\?\)"),
+    ({"repeats": {"top_n": 2}, "space/seed": {"type": "int", "low": 0, "high": 9}},
+     r"bad.yaml: repeats: the space samples seed; repeats vary the seed themselves"),
 ])
 def test_bad_study_is_a_config_error_naming_the_key(tmp_path, change, message):
     with pytest.raises(ConfigError, match=message):
@@ -187,6 +208,58 @@ def test_resources_no_node_offers_are_refused(tmp_path):
     check_resources(cfg, [{"CPU": 2.0, "GPU": 0.0}, {"CPU": 8.0, "GPU": 1.0}])
     with pytest.raises(ConfigError, match=r"bad.yaml: resources: \{cpu: 4, gpu: 0.25\} per trial cannot be met"):
         check_resources(cfg, [{"CPU": 2.0, "GPU": 0.0}, {"CPU": 16.0, "GPU": 0.0}, {"CPU": 2.0, "GPU": 1.0}])
+
+
+METHODS = {"method.name": {"type": "categorical", "choices": ["r2d2", "d2net"]},
+           "lambda_ssl": {"type": "float", "low": 0.0, "high": 1.2}}
+
+
+def test_resources_when_gives_each_configuration_its_request_first_match_first(tmp_path):
+    cfg = _study(tmp_path, space=METHODS, resources={"cpu": 2, "gpu": 0.5}, resources_when=[
+        {"when": {"method.name": "d2net"}, "gpu": 1}, {"when": {"method.name": ["d2net", "r2d2"]}, "cpu": 3}])
+    assert trial_resources(cfg, {"method.name": "d2net", "lambda_ssl": 0.4}) == ResourcesConfig(cpu=2, gpu=1)
+    assert trial_resources(cfg, {"method.name": "r2d2"}) == ResourcesConfig(cpu=3, gpu=0.5)
+    assert resource_sets(cfg) == [ResourcesConfig(cpu=3, gpu=0.5), ResourcesConfig(cpu=2, gpu=1)]
+    # a base value can be the condition too; the default is only checked where the space reaches it
+    cfg = _study(tmp_path, resources_when=[{"when": {"method.name": "r2d2"}, "cpu": 1}], resources={"cpu": 64})
+    assert resource_sets(cfg) == [ResourcesConfig(cpu=1)]
+    check_resources(cfg, [{"CPU": 2.0, "GPU": 0.0}])
+
+
+def test_a_resources_when_request_no_node_offers_is_refused_by_its_entry(tmp_path):
+    cfg = _study(tmp_path, space=METHODS, resources={"cpu": 1}, resources_when=[
+        {"when": {"method.name": "d2net"}, "cpu": 4, "gpu": 1}])
+    with pytest.raises(ConfigError, match=r"bad.yaml: resources_when\[0\]: \{cpu: 4, gpu: 1\} per trial cannot be met"):
+        check_resources(cfg, [{"CPU": 8.0, "GPU": 0.0}])
+    check_resources(cfg, [{"CPU": 2.0, "GPU": 0.0}, {"CPU": 8.0, "GPU": 1.0}])
+    # a trial on cuda must ask for a GPU under its own request
+    with pytest.raises(ConfigError, match=r"resources.gpu: 0, but device: 'cuda' is requested \(at method.name='r2d2'"):
+        _study(tmp_path, space=METHODS, base={"preset": "r2d2-roadscene", "device": "cuda"},
+               resources_when=[{"when": {"method.name": "d2net"}, "gpu": 1}])
+
+
+def test_resources_when_reaches_ray_per_trial(tmp_path):
+    """Real Ray Tune: each trial of the study's trainable gets the request of its configuration."""
+    import ray
+    from ray import tune
+
+    from s2study.study.runner import StudyOutcome, _trainable
+
+    def probe(config, settings):
+        tune.report({"cpu": ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0),
+                     "method": config["method.name"]})
+
+    cfg = _study(tmp_path, space=METHODS, resources={"cpu": 1}, resources_when=[
+        {"when": {"method.name": "d2net"}, "cpu": 2}])
+    outcome = StudyOutcome("t", str(tmp_path / "t"), "sqlite:///unused.db", "0", "parent")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        grid = tune.Tuner(_trainable(cfg, outcome, probe),
+                          param_space={"method.name": tune.grid_search(["r2d2", "d2net"])},
+                          run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0)).fit()
+    finally:
+        ray.shutdown()
+    assert sorted((r.metrics["method"], r.metrics["cpu"]) for r in grid) == [("d2net", 2.0), ("r2d2", 1.0)]
 
 
 def test_overrides_and_relative_paths(tmp_path):

@@ -76,7 +76,7 @@ class BudgetWatch(_tune_callback_class()):
 
     Args:
         wall_s / gpu_s: the budgets in seconds (None: no limit).
-        gpu_share: each trial's ``resources.gpu``.
+        gpu_share: ``resources.gpu``, for trials that do not say what they asked for.
         spent: what earlier attempts spent (updated as this one goes).
     """
 
@@ -111,7 +111,7 @@ class BudgetWatch(_tune_callback_class()):
         return None
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self.spent.gpu_s += float(result.get("time_this_iter_s") or 0.0) * self.gpu_share
+        self.spent.gpu_s += float(result.get("time_this_iter_s") or 0.0) * trial_gpu(trial, self.gpu_share)
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if self.reason is not None or not self.active:
@@ -119,6 +119,14 @@ class BudgetWatch(_tune_callback_class()):
         self.reason = self.exhausted()
         if self.reason is not None:
             interrupt_fit()
+
+
+def trial_gpu(trial: Any, default: float) -> float:
+    """The GPU share a Tune trial asked for (its own under ``resources_when``), else ``default``."""
+    try:
+        return float(trial.placement_group_factory.required_resources.get("GPU", 0.0))
+    except AttributeError:  # another Tune layout
+        return default
 
 
 def interrupt_fit(otherwise: BaseException | None = None) -> None:

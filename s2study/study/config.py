@@ -11,19 +11,23 @@ A study file is YAML with these top-level keys (all but ``space`` optional)::
     trials: 16                         # Tune num_samples
     max_concurrent: 4                  # default: as many as the resources allow
     resources: {cpu: 4, gpu: 1}        # per trial; gpu in [0, 1]: a fraction (0.25) shares one GPU
+    resources_when:                    # per-trial resources by configuration (first match wins)
+      - {when: {method.name: r2d2}, cpu: 2, gpu: 0.5}
     asha: {max_epochs: 30, grace_period: 3, reduction_factor: 2}   # enabled: false = no early stop
     metric: val_ncm
     mode: max
     sampler: {name: tpe, seed: 0, n_startup_trials: 4}  # tpe|random|gp|cmaes|grid|bruteforce
     storage: ./s2study_results         # Ray storage_path: a local folder or s3://bucket/prefix
     tracking: {uri: sqlite:///mlflow.db, experiment: my-study}
-    evaluate: {top_n: 1, split: auto, ks: [1024, 2048, 4096]}   # auto: test, else val
+    evaluate: {top_n: 1, split: auto, ks: [1024, 2048, 4096], warp: 0}   # auto: test, else val;
+                                       # warp: also on warped pairs (seed 0)
     failure: {max_failures: 2}
     system_metrics: {interval_s: 15}   # MLflow system/* metrics per trial run; 0: off
     optuna: {storage: postgresql://user@db/optuna}   # default: <storage>/<name>/optuna.db
     budget: {wall: 8h, gpu_hours: 40}  # stop cleanly (resumable) once spent
     register: {name: s2-r2d2-roadscene}  # the best checkpoint as a version of this MLflow model
     warm_start: {study: lambda-v1}     # the sampler starts from that study's finished trials
+    repeats: {top_n: 3, seeds: 3}      # after the search: the 3 best configurations, 3 seeds each
     enqueue:                           # configurations to run first (space keys -> values)
       - {lambda_ssl: 0.4}
 
@@ -70,6 +74,7 @@ from s2study.study.space import (
     grid_values,
     overlay,
     parse_space,
+    parse_when,
 )
 
 METRICS = ("val_ncm", "val_nc", "val_cmr", "val_rep", "loss/total")
@@ -97,6 +102,54 @@ class ResourcesConfig:
         if not 0 <= self.gpu <= 1:
             raise ValueError(f"gpu: must be in [0, 1], got {self.gpu:g}; the trainer uses one device, so a "
                              "trial takes one GPU (1) or a share of one (e.g. 0.5 or 0.25)")
+
+
+@dataclass(frozen=True)
+class ResourceRule:
+    """``resources_when`` entry: the resources of the trials whose configuration meets every
+    condition of ``when`` (the conditions of the space's ``when:``)."""
+
+    when: tuple[tuple[str, tuple], ...]
+    resources: ResourcesConfig
+
+    def holds(self, values: dict[str, Any]) -> bool:
+        return all(values.get(k) in allowed for k, allowed in self.when)
+
+
+def parse_resources_when(raw: Any, default: ResourcesConfig, space: tuple[ParamSpec, ...],
+                         base_flat: dict[str, Any], source: str) -> tuple[ResourceRule, ...]:
+    """``resources_when: [{when: {KEY: VALUE or [VALUES]}, cpu: N, gpu: G}, ...]``; cpu and gpu
+    default to ``resources``."""
+    if raw is None or raw == [] or raw == ():
+        return ()
+    shape = "expected a list of {when: {KEY: VALUE}, cpu: N, gpu: G}"
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"{source}: resources_when: {shape}, got {raw!r}")
+    rules = []
+    for i, item in enumerate(raw):
+        where = f"resources_when[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("when"), dict) or not item["when"]:
+            raise ConfigError(f"{source}: {where}: {shape}, got {item!r}")
+        rest = {k: v for k, v in item.items() if k != "when"}
+        if not rest:
+            raise ConfigError(f"{source}: {where}: give cpu and/or gpu for the trials it matches")
+        resources = build_dataclass(ResourcesConfig, {"cpu": default.cpu, "gpu": default.gpu, **rest},
+                                    source, prefix=f"{where}.")
+        rules.append(ResourceRule(parse_when(item["when"], source, where, list(space), base_flat), resources))
+    return tuple(rules)
+
+
+def trial_resources(cfg: StudyConfig, sampled: dict[str, Any]) -> ResourcesConfig:
+    """What a trial with these sampled values asks Ray for: the first ``resources_when``
+    entry that matches, else ``resources``."""
+    values = {**cfg.base_flat, **sampled}
+    return next((r.resources for r in cfg.resources_when if r.holds(values)), cfg.resources)
+
+
+def resource_sets(cfg: StudyConfig) -> list[ResourcesConfig]:
+    """Every per-trial request the space can reach (over its corners), ``resources`` first."""
+    found = [trial_resources(cfg, c) for c in corner_cases(cfg.space, cfg.base_flat)] or [cfg.resources]
+    return sorted(set(found), key=lambda r: (r != cfg.resources, r.gpu, r.cpu))
 
 
 @dataclass(frozen=True)
@@ -157,13 +210,15 @@ class EvaluateConfig:
 
     The evaluation reads the whole split at full image size, whatever ``base.data`` caps for
     the per-epoch validation (``max_val_pairs``, ``val_max_size``); ``max_pairs`` caps it
-    (for quick studies such as the smoke study).
+    (for quick studies such as the smoke study). With ``warp`` (a seed) each trial is also
+    evaluated on the warped protocol (:mod:`s2study.data.warp`), logged as ``eval/warped/...``.
     """
 
     top_n: int = 1
     split: str = "auto"
     ks: Any = (1024, 2048, 4096)
     max_pairs: int | None = None
+    warp: int | None = None
 
     def __post_init__(self) -> None:
         if self.top_n < 0:
@@ -178,6 +233,8 @@ class EvaluateConfig:
         object.__setattr__(self, "ks", tuple(ks))
         if self.max_pairs is not None and self.max_pairs < 1:
             raise ValueError(f"max_pairs: must be >= 1 (or null for the whole split), got {self.max_pairs}")
+        if self.warp is not None and self.warp < 0:
+            raise ValueError(f"warp: must be a non-negative seed (or null: aligned pairs only), got {self.warp}")
 
 
 @dataclass(frozen=True)
@@ -260,6 +317,23 @@ class WarmStartConfig:
 
 
 @dataclass(frozen=True)
+class RepeatsConfig:
+    """After the search, run the ``top_n`` best configurations again until each has ``seeds``
+    runs that trained every epoch, with seeds ``seed + 1``, ``seed + 2``, ... (the search's
+    own run counts where it was not stopped early); ``top_n`` 0: off
+    (:mod:`s2study.study.repeats`)."""
+
+    top_n: int = 0
+    seeds: int = 3
+
+    def __post_init__(self) -> None:
+        if self.top_n < 0:
+            raise ValueError(f"top_n: must be >= 0 (0: no repeats), got {self.top_n}")
+        if self.seeds < 2:
+            raise ValueError(f"seeds: must be >= 2 (runs per configuration, a spread needs two), got {self.seeds}")
+
+
+@dataclass(frozen=True)
 class OptunaConfig:
     """Where the study's Optuna study (each trial's configuration and value) is kept.
 
@@ -283,8 +357,9 @@ class StudyConfig:
         space: the search space, in file order.
         trials: number of trials (Tune ``num_samples``).
         max_concurrent: trials running at once (None: as many as resources allow).
+        resources_when: per-trial resources by configuration (:class:`ResourceRule`, first match).
         resources / asha / sampler / tracking / evaluate / failure / system_metrics / optuna /
-            budget / register / warm_start: the sections above (``optuna.storage``: None for the
+            budget / register / warm_start / repeats: the sections above (``optuna.storage``: None for the
             default, ``memory`` or a URL).
         enqueue: configurations Optuna evaluates first, each ``{space key: value}``.
         metric / mode: what ASHA and Optuna optimise.
@@ -298,6 +373,7 @@ class StudyConfig:
     trials: int = 10
     max_concurrent: int | None = None
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    resources_when: Any = ()
     asha: AshaConfig = field(default_factory=AshaConfig)
     metric: str = "val_ncm"
     mode: str = "max"
@@ -311,6 +387,7 @@ class StudyConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    repeats: RepeatsConfig = field(default_factory=RepeatsConfig)
     enqueue: Any = ()
     source: str = ""
 
@@ -387,9 +464,14 @@ def study_from_dict(raw: dict[str, Any], source: str, study_dir: Path | None = N
                           f"{max_epochs} epochs each trial trains")
     space = parse_space(raw_space, source, flatten(base))
     _check_corners(space, base, source)
-    _check_cuda_has_gpu(space, base, cfg.resources, source)
+    cfg = dataclasses.replace(cfg, base=base, space=space, resources_when=parse_resources_when(
+        cfg.resources_when, cfg.resources, space, flatten(base), source))
+    _check_cuda_has_gpu(cfg, source)
     _check_sampler(cfg, space, source)
-    if cfg.budget.gpu_hours is not None and cfg.resources.gpu == 0:
+    if cfg.repeats.top_n and any(s.key == "seed" for s in space):
+        raise ConfigError(f"{source}: repeats: the space samples seed; repeats vary the seed themselves "
+                          "(drop seed from the space, or repeats)")
+    if cfg.budget.gpu_hours is not None and not any(r.gpu for r in resource_sets(cfg)):
         raise ConfigError(f"{source}: budget.gpu_hours: {cfg.budget.gpu_hours:g}, but the trials use no GPU "
                           "(resources.gpu: 0); use budget.wall, or give the trials a GPU")
     storage = resolve_storage(cfg.storage, cwd, source)
@@ -580,13 +662,14 @@ def cuda_corners(space: tuple[ParamSpec, ...], base: dict[str, Any]) -> list[str
     return out
 
 
-def _check_cuda_has_gpu(space: tuple[ParamSpec, ...], base: dict[str, Any], resources: ResourcesConfig,
-                        source: str) -> None:
+def _check_cuda_has_gpu(cfg: StudyConfig, source: str) -> None:
     """A trial on ``device: cuda`` must ask Ray for a GPU, else it runs where there is none."""
-    corners = cuda_corners(space, base)
-    if corners and resources.gpu == 0:
-        raise ConfigError(f"{source}: resources.gpu: 0, but device: 'cuda' is requested (at {corners[0]}); "
-                          "set resources.gpu (e.g. 1 or 0.25) or use device: auto or cpu")
+    base_flat = cfg.base_flat
+    for values in corner_cases(cfg.space, base_flat):
+        if overlay(cfg.base, values).get("device") == "cuda" and trial_resources(cfg, values).gpu == 0:
+            at = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "base"
+            raise ConfigError(f"{source}: resources.gpu: 0, but device: 'cuda' is requested (at {at}); "
+                              "set resources.gpu (e.g. 1 or 0.25) or use device: auto or cpu")
 
 
 def _check_sampler(cfg: StudyConfig, space: tuple[ParamSpec, ...], source: str) -> None:
@@ -616,21 +699,25 @@ def local_node_resources() -> list[dict[str, float]]:
 
 
 def check_resources(cfg: StudyConfig, nodes: list[dict[str, float]], where: str = "this machine") -> None:
-    """At least one node can hold one trial (Ray never splits a trial's request across nodes).
+    """At least one node can hold one trial of every request the space reaches (Ray never
+    splits a trial's request across nodes; :func:`resource_sets`).
 
     Args:
         nodes: per-node totals such as ``{"CPU": 16, "GPU": 1}`` (``ray.nodes()`` resources,
             or :func:`local_node_resources`).
 
     Raises:
-        ConfigError: naming ``resources`` and what the largest node offers.
+        ConfigError: naming ``resources`` (or the ``resources_when`` entry) and what the nodes offer.
     """
-    need = {"CPU": cfg.resources.cpu, "GPU": cfg.resources.gpu}
-    if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
-        return
-    offer = ", ".join(f"{{cpu: {n.get('CPU', 0):g}, gpu: {n.get('GPU', 0):g}}}" for n in nodes) or "none"
-    raise ConfigError(
-        f"{cfg.source}: resources: {{cpu: {cfg.resources.cpu:g}, gpu: {cfg.resources.gpu:g}}} per trial "
-        f"cannot be met; no node of {where} offers that (nodes: {offer}); lower resources or use "
-        "--address to run on a cluster"
-    )
+    for res in resource_sets(cfg):
+        need = {"CPU": res.cpu, "GPU": res.gpu}
+        if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+            continue
+        offer = ", ".join(f"{{cpu: {n.get('CPU', 0):g}, gpu: {n.get('GPU', 0):g}}}" for n in nodes) or "none"
+        key = "resources" if res == cfg.resources else (
+            f"resources_when[{next(i for i, r in enumerate(cfg.resources_when) if r.resources == res)}]")
+        raise ConfigError(
+            f"{cfg.source}: {key}: {{cpu: {res.cpu:g}, gpu: {res.gpu:g}}} per trial "
+            f"cannot be met; no node of {where} offers that (nodes: {offer}); lower resources or use "
+            "--address to run on a cluster"
+        )

@@ -104,13 +104,14 @@ def prepare_study(cfg: StudyConfig, experiment_path: str, url: str | None = None
 
 
 def warm_trials(cfg: StudyConfig, record: Any) -> tuple[list[Any], dict[str, int]]:
-    """The earlier study's finished trials as Optuna trials of this space (each with its best
-    value), and how many were skipped for each reason."""
+    """The earlier study's finished search trials (not its repeats) as Optuna trials of this
+    space (each with its best value), and how many were skipped for each reason."""
     import json
 
     import optuna
 
     from s2study.study.space import assignments
+    from s2study.study.tracking import TAG_REPEAT_OF
 
     specs = {s.key: s for s in cfg.space if s.sampled}
     best_key = f"best_{cfg.metric}"
@@ -120,7 +121,7 @@ def warm_trials(cfg: StudyConfig, record: Any) -> tuple[list[Any], dict[str, int
         skipped[reason] = skipped.get(reason, 0) + 1
 
     earlier_metric = record.parent.tags.get("s2study.metric", cfg.metric)
-    for run in record.trials:
+    for run in [r for r in record.trials if TAG_REPEAT_OF not in r.tags]:
         if run.s2status not in ("finished", "stopped_early") or best_key not in run.metrics:
             skip("not finished" if earlier_metric == cfg.metric else f"it optimised {earlier_metric}")
             continue

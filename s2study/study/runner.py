@@ -57,9 +57,15 @@ from ray import tune
 from s2study.config.load import build_dataclass, config_to_dict, flatten
 from s2study.config.schema import DataConfig
 from s2study.errors import ConfigError, DataError, EnvironmentProblem
-from s2study.study import optuna_store, tracking
+from s2study.study import optuna_store, repeats, tracking
 from s2study.study.budget import BudgetWatch, Spent, interrupt_fit
-from s2study.study.config import StudyConfig, check_resources, cuda_corners, local_node_resources
+from s2study.study.config import (
+    StudyConfig,
+    check_resources,
+    cuda_corners,
+    local_node_resources,
+    trial_resources,
+)
 from s2study.study.space import corner_cases, overlay
 from s2study.study.trainable import (
     BEST_FILE,
@@ -67,6 +73,7 @@ from s2study.study.trainable import (
     TrialSettings,
     apply_share,
     assigned_share,
+    run_repeat,
     run_trial,
     trial_config,
 )
@@ -74,7 +81,8 @@ from s2study.study.trainable import (
 STATE_FILE = "s2study_study.json"
 #: resolved-study keys a resume may change: the tracking store's address (a new head) and the
 #: storage spelling (the state was found there); ``trials`` may be raised
-RESUME_FREE_KEYS = ("tracking.uri", "storage", "budget.wall", "budget.gpu_hours", "register.name")
+RESUME_FREE_KEYS = ("tracking.uri", "storage", "budget.wall", "budget.gpu_hours", "register.name",
+                    "repeats.top_n", "repeats.seeds")
 Echo = Callable[[str], None]
 
 
@@ -95,6 +103,7 @@ class TrialSummary:
     sampled: dict[str, Any]
     run_id: str | None = None
     error: str | None = None
+    repeat_of: str | None = None  # a repeat's search trial (:mod:`s2study.study.repeats`)
 
 
 @dataclass
@@ -108,6 +117,7 @@ class StudyOutcome:
     parent_run_id: str
     trials: list[TrialSummary] = field(default_factory=list)
     evaluated: dict[str, dict[str, float]] = field(default_factory=dict)
+    repeats: list[TrialSummary] = field(default_factory=list)  # the repeats' runs, by round
     interrupted: bool = False
     stopped_by: str | None = None  # "SIGTERM" or "budget" when one stopped it (else Ctrl-C or none)
 
@@ -708,10 +718,7 @@ def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesys
     # a trial that ends itself failed (no usable GPU; not raised, so not retried) has no result
     # with the metric, which Tune's strict check would turn into an error of the whole study
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    settings = TrialSettings(cfg.base, uri, experiment_id, parent, cfg.metric, cfg.mode, cfg.resources.gpu,
-                             cfg.system_metrics.interval_s)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
-                                    {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+    trainable = _trainable(cfg, outcome, run_trial)
     if restore:
         tuner = Tuner.restore(outcome.experiment_path, trainable, resume_errored=True,
                               storage_filesystem=storage_filesystem)
@@ -734,6 +741,60 @@ def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesys
     if dropped:
         echo(f"deleted {dropped} MLflow run(s) of trials lost when the driver died (Tune never recorded them)")
     outcome.interrupted = len(grid) < cfg.trials or any(t.status == "incomplete" for t in outcome.trials)
+    _settle(cfg, outcome, outcome.trials, grid, echo)
+    repeat_grid: list[Any] = []
+    if not outcome.interrupted and cfg.repeats.top_n:
+        repeat_grid = _fit_repeats(cfg, outcome, storage_filesystem, watch, echo)
+        outcome.stopped_by = "budget" if watch.reason else outcome.stopped_by
+    if outcome.interrupted:
+        if watch.reason:
+            larger = "budget.wall" if watch.reason.startswith("wall") else "budget.gpu_hours"
+            _end(uri, experiment_id, parent, "killed", f"{watch.reason}; continue with s2study run --resume")
+            echo(f"study stopped: {watch.reason}; continue it with: s2study run {cfg.source} --resume "
+                 f"--set {larger}=LARGER")
+        else:
+            _end(uri, experiment_id, parent, "killed", "study interrupted; continue with s2study run --resume")
+            echo(f"study interrupted; continue it with: s2study run {cfg.source} --resume")
+        return outcome
+    results = {r.metrics.get("trial_id"): r for r in [*grid, *repeat_grid]}
+    outcome.evaluated = evaluate_trials(cfg, evaluation_choice(cfg, outcome), results, uri, echo)
+    log_study_summary(cfg, outcome)
+    if cfg.register.name:
+        register_best_trial(cfg, outcome, echo)
+    _end(uri, experiment_id, parent, "finished")
+    echo(summary_text(cfg, outcome))
+    return outcome
+
+
+def _trainable(cfg: StudyConfig, outcome: StudyOutcome, function: Callable[..., None],
+               sampled_of: Callable[[dict], dict] = dict) -> Any:
+    """``function`` (:func:`run_trial` or :func:`run_repeat`, whose Tune config gives the
+    trial's values through ``sampled_of``) as a Tune trainable of this study, each trial
+    asking for its own resources (``resources_when``)."""
+    from ray.tune import PlacementGroupFactory
+
+    settings = TrialSettings(cfg.base, outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id,
+                             cfg.metric, cfg.mode, cfg.resources.gpu, cfg.system_metrics.interval_s)
+    trainable = tune.with_parameters(function, settings=settings)
+    if not cfg.resources_when:
+        return tune.with_resources(trainable, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
+
+    def resources(config: dict) -> PlacementGroupFactory:
+        res = trial_resources(cfg, sampled_of(config))
+        return PlacementGroupFactory([{"CPU": res.cpu, "GPU": res.gpu}])
+
+    return tune.with_resources(trainable, resources)
+
+
+def _repeat_config(config: dict) -> dict:
+    """A repeat's values (with its seed) from its Tune config (:func:`run_repeat`)."""
+    return config["repeat"]["config"]
+
+
+def _settle(cfg: StudyConfig, outcome: StudyOutcome, trials: list[TrialSummary], grid: Any, echo: Echo) -> None:
+    """End the runs of ``trials`` that are still RUNNING (``tracking.settle_trial_runs``), first
+    logging from its checkpoint what a trial that ended without ending its run could not."""
+    uri = outcome.tracking_uri
     by_trial = {r.metrics.get("trial_id"): r for r in grid}
 
     def complete(run: Any, status: str) -> None:
@@ -748,26 +809,69 @@ def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesys
             if added:
                 echo(f"logged {added} epoch(s) of {run.info.run_name} that its trial could not (from its checkpoint)")
 
-    tracking.settle_trial_runs(uri, experiment_id, parent, {
-        t.trial_id: ("killed" if t.status == "incomplete" else t.status, t.error) for t in outcome.trials},
+    tracking.settle_trial_runs(uri, outcome.experiment_id, outcome.parent_run_id, {
+        t.trial_id: ("killed" if t.status == "incomplete" else t.status, t.error) for t in trials},
         before_end=complete)
-    if outcome.interrupted:
-        if watch.reason:
-            larger = "budget.wall" if watch.reason.startswith("wall") else "budget.gpu_hours"
-            _end(uri, experiment_id, parent, "killed", f"{watch.reason}; continue with s2study run --resume")
-            echo(f"study stopped: {watch.reason}; continue it with: s2study run {cfg.source} --resume "
-                 f"--set {larger}=LARGER")
+
+
+def _fit_repeats(cfg: StudyConfig, outcome: StudyOutcome, storage_filesystem: Any | None, watch: BudgetWatch,
+                 echo: Echo) -> list[Any]:
+    """Train the repeats the search's ranking asks for (:mod:`s2study.study.repeats`), round by
+    round; their trials go to ``outcome.repeats``; returns their Tune results."""
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, TuneConfig, Tuner
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    fs, folder = _fs_and_dir(cfg, storage_filesystem)
+    state = _read_state(fs, folder) or {}
+    rounds = list(state.get("repeats") or [])
+    wanted = repeats.plan_points(outcome.trials, cfg.repeats.top_n, cfg.repeats.seeds, int(cfg.base.get("seed", 0)))
+    missing = repeats.missing_points(wanted, rounds)
+    if missing:
+        rounds.append({"name": f"repeats-{len(rounds) + 1}", "points": missing})
+        _write_state(fs, folder, {**state, "repeats": rounds})
+    trainable = _trainable(cfg, outcome, run_repeat, sampled_of=_repeat_config)
+    results: list[Any] = []
+    for number, rnd in enumerate(rounds, 1):
+        path, points = f"{experiment_path(cfg)}/{rnd['name']}", rnd["points"]
+        if Tuner.can_restore(path, storage_filesystem=storage_filesystem):
+            tuner = Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=storage_filesystem)
+            _update_callbacks(tuner, len(points), watch)
         else:
-            _end(uri, experiment_id, parent, "killed", "study interrupted; continue with s2study run --resume")
-            echo(f"study interrupted; continue it with: s2study run {cfg.source} --resume")
-        return outcome
-    outcome.evaluated = evaluate_best(cfg, grid, outcome.trials, uri, echo)
-    log_study_summary(cfg, outcome)
-    if cfg.register.name:
-        register_best_trial(cfg, outcome, echo)
-    _end(uri, experiment_id, parent, "finished")
-    echo(summary_text(cfg, outcome))
-    return outcome
+            tuner = Tuner(trainable, param_space={"repeat": tune.grid_search(points)},
+                          tune_config=TuneConfig(metric=cfg.metric, mode=cfg.mode, reuse_actors=True,
+                                                 max_concurrent_trials=cfg.max_concurrent),
+                          run_config=RunConfig(
+                              name=rnd["name"], storage_path=experiment_path(cfg),
+                              storage_filesystem=storage_filesystem,
+                              checkpoint_config=CheckpointConfig(num_to_keep=2),
+                              failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+                              callbacks=[StudyProgress(cfg.metric, cfg.mode, cfg.max_epochs, len(points)),
+                                         JsonLoggerCallback(), CSVLoggerCallback(), watch],
+                              verbose=0))
+        if number == len(rounds) or not missing:
+            echo(f"repeats, round {number}: {len(points)} run(s) of the {cfg.repeats.top_n} best configurations "
+                 f"(seeds per configuration: {cfg.repeats.seeds})")
+        watch.start()
+        try:
+            grid = tuner.fit()
+        finally:
+            watch.stop()
+        trials = summarize(cfg, grid, outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id,
+                           sampled_of=_repeat_config)
+        by_id = {r.metrics.get("trial_id"): r for r in grid}
+        for t in trials:
+            t.repeat_of = by_id[t.trial_id].config["repeat"]["of"]
+        outcome.repeats += trials
+        results += list(grid)
+        if len(grid) < len(points) or any(t.status == "incomplete" for t in trials):
+            outcome.interrupted = True
+            break
+    if watch.active:
+        tracking.log_metrics(outcome.tracking_uri, outcome.parent_run_id, watch.spent.as_metrics())
+    tracking.drop_orphan_runs(outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id,
+                              {t.trial_id for t in outcome.repeats}, repeats=True)
+    _settle(cfg, outcome, outcome.repeats, results, echo)
+    return results
 
 
 def complete_from_checkpoint(uri: str, run_id: str, checkpoint: Any, metric: str, mode: str) -> int:
@@ -816,8 +920,10 @@ def _end(uri: str, experiment_id: str, parent: str, status: str, reason: str | N
     tracking.finish_run(uri, parent, status, reason)
 
 
-def summarize(cfg: StudyConfig, grid: Any, uri: str, experiment_id: str, parent: str) -> list[TrialSummary]:
-    """Trials ranked by their best metric value (never-reported trials last).
+def summarize(cfg: StudyConfig, grid: Any, uri: str, experiment_id: str, parent: str,
+              sampled_of: Callable[[dict], dict] = dict) -> list[TrialSummary]:
+    """Trials ranked by their best metric value (never-reported trials last); ``sampled_of``
+    reads a trial's configuration from its Tune config.
 
     The status comes from Tune (the trial runs may not have ended yet): ``failed``,
     ``finished``, ``stopped_early``, or ``incomplete`` for a study that was interrupted.
@@ -842,7 +948,7 @@ def summarize(cfg: StudyConfig, grid: Any, uri: str, experiment_id: str, parent:
         out.append(TrialSummary(
             trial_id=trial_id, name=run.info.run_name if run else trial_id, status=status, epochs=epochs,
             best=best, last=values[-1] if values else None,
-            sampled=dict(result.config or {}), run_id=run.info.run_id if run else None,
+            sampled=sampled_of(result.config or {}), run_id=run.info.run_id if run else None,
             error=_last_line(result.error) if result.error else (
                 run.data.tags.get(tracking.TAG_REASON) if status == "failed" else None),
         ))
@@ -860,12 +966,12 @@ def _last_line(error: BaseException) -> str:
 
 
 def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int, ...], uri: str,
-                    max_pairs: int | None = None) -> dict[str, Any]:
+                    max_pairs: int | None = None, warp: int | None = None) -> dict[str, Any]:
     """Ray task: evaluate a trial's best weights and log the result into the trial's MLflow run.
 
     ``checkpoint`` is the trial's latest Tune checkpoint (its best weights, or the epoch state
     where it has none). The whole split at full size (up to ``max_pairs``), not the per-epoch
-    validation's subset.
+    validation's subset; with ``warp`` also on the warped protocol (``eval/warped/...``).
     """
     import tempfile
 
@@ -873,45 +979,79 @@ def _evaluate_trial(checkpoint: Any, data: DataConfig, split: str, ks: tuple[int
 
     from s2study.checkpoint import load_checkpoint
     from s2study.evaluate import evaluate_checkpoint, format_table, write_outputs
-    from s2study.metrics import metric_name
 
     apply_share(*assigned_share())  # the trial's threads and GPU memory cap (a fractional GPU is shared)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with tempfile.TemporaryDirectory(prefix="s2study-eval-") as tmp, checkpoint.as_directory() as d:
+    headline: dict[str, float] = {}
+    tables = []
+    with checkpoint.as_directory() as d:
         path = Path(d) / BEST_FILE if (Path(d) / BEST_FILE).is_file() else Path(d) / CHECKPOINT_FILE
         run_id = (load_checkpoint(path).get("extra") or {}).get("mlflow_run_id")
         split_name = resolve_eval_split(data, split)
         data = replace(data, max_val_pairs=None, val_max_size=None)
-        result = evaluate_checkpoint(path, data, split_name, ks=ks, device=device, max_pairs=max_pairs)
-        files = write_outputs(result, Path(tmp))
-        method = result.methods[0]
-        headline = {}
-        for k in result.ks:
-            m = result.means[method][k]
-            headline.update({
-                f"eval/{metric_name('nc', k)}": m.nc,
-                f"eval/{metric_name('ncm', k, m.threshold)}": m.ncm,
-                f"eval/{metric_name('cmr', k, m.threshold)}": m.cmr,
-                f"eval/{metric_name('rep', k, m.threshold)}": m.repeatability,
-            })
+        for seed in (None, warp) if warp is not None else (None,):
+            prefix = "eval/" if seed is None else "eval/warped/"
+            with tempfile.TemporaryDirectory(prefix="s2study-eval-") as tmp:
+                result = evaluate_checkpoint(path, data, split_name, ks=ks, device=device, max_pairs=max_pairs,
+                                             warp=seed)
+                tables.append(format_table(result))
+                metrics = _eval_headline(result, prefix)
+                headline.update(metrics)
+                if run_id:
+                    _log_evaluation(uri, run_id, result, metrics, write_outputs(result, Path(tmp)), prefix)
         if run_id:
-            tracking.log_metrics(uri, run_id, headline)
-            for k in result.ks:
-                m = result.means[method][k]
-                steps = [round(t) for t in m.thresholds]
-                tracking.log_curve(uri, run_id, f"eval/cmr_curve_k{k}", steps, list(m.cmr_curve))
-                tracking.log_curve(uri, run_id, f"eval/ncm_curve_k{k}", steps, list(m.ncm_curve))
-            for name in ("json", "csv"):
-                tracking.log_artifact(uri, run_id, files[name], "eval")
-            for name in ("cmr_curve", "ncm_curve"):
-                tracking.log_artifact(uri, run_id, files[name], "plots")
             tracking.set_tags(uri, run_id, {"s2study.eval_split": f"{data.dataset}/{split}",
-                                            "s2study.eval_pairs": len(result.pair_ids)})
-        return {"run_id": run_id, "metrics": headline, "table": format_table(result)}
+                                            "s2study.eval_pairs": len(result.pair_ids),
+                                            "s2study.eval_protocols": ",".join(
+                                                ["aligned"] + ([f"warped:{warp}"] if warp is not None else []))})
+    return {"run_id": run_id, "metrics": headline, "table": "\n\n".join(tables)}
 
 
-def evaluate_best(cfg: StudyConfig, grid: Any, ranked: list[TrialSummary], uri: str, echo: Echo) -> dict[str, dict]:
-    """Evaluate the ``top_n`` best trials at ``evaluate.ks`` on ``evaluate.split``.
+def _eval_headline(result: Any, prefix: str) -> dict[str, float]:
+    """NC, NCM, CMR and repeatability at each K of a one-method result, named ``<prefix>ncm@3px_k1024``."""
+    from s2study.metrics import metric_name
+
+    method, out = result.methods[0], {}
+    for k in result.ks:
+        m = result.means[method][k]
+        out.update({f"{prefix}{metric_name('nc', k)}": m.nc, f"{prefix}{metric_name('ncm', k, m.threshold)}": m.ncm,
+                    f"{prefix}{metric_name('cmr', k, m.threshold)}": m.cmr,
+                    f"{prefix}{metric_name('rep', k, m.threshold)}": m.repeatability})
+    return out
+
+
+def _log_evaluation(uri: str, run_id: str, result: Any, metrics: dict[str, float], files: dict[str, Path],
+                    prefix: str) -> None:
+    """An evaluation into its trial's run: metrics, CMR/NCM curves (step = threshold), tables, plots."""
+    tracking.log_metrics(uri, run_id, metrics)
+    method = result.methods[0]
+    for k in result.ks:
+        m = result.means[method][k]
+        steps = [round(t) for t in m.thresholds]
+        tracking.log_curve(uri, run_id, f"{prefix}cmr_curve_k{k}", steps, list(m.cmr_curve))
+        tracking.log_curve(uri, run_id, f"{prefix}ncm_curve_k{k}", steps, list(m.ncm_curve))
+    folder = prefix.rstrip("/")
+    for name in ("json", "csv"):
+        tracking.log_artifact(uri, run_id, files[name], folder)
+    for name in ("cmr_curve", "ncm_curve"):
+        tracking.log_artifact(uri, run_id, files[name], "plots" if folder == "eval" else "plots/warped")
+
+
+def evaluation_choice(cfg: StudyConfig, outcome: StudyOutcome) -> list[TrialSummary]:
+    """The trials to evaluate: the ``evaluate.top_n`` best, and with repeats every complete run
+    of a repeated configuration (so each configuration's evaluation has its spread)."""
+    if not cfg.evaluate.top_n:
+        return []
+    chosen = [t for t in outcome.trials if t.best is not None][: cfg.evaluate.top_n]
+    repeated = {t.repeat_of for t in outcome.repeats}
+    chosen += [t for t in outcome.trials if t.trial_id in repeated and t.status == "finished" and t not in chosen]
+    return chosen + [t for t in outcome.repeats if t.best is not None]
+
+
+def evaluate_trials(cfg: StudyConfig, chosen: list[TrialSummary], results: dict[str, Any], uri: str,
+                    echo: Echo) -> dict[str, dict]:
+    """Evaluate ``chosen`` trials (their Tune ``results`` by trial id) at ``evaluate.ks`` on
+    ``evaluate.split``, as Ray tasks with the trial resources, all at once.
 
     Returns:
         trial id -> headline metrics (``eval/ncm@3px_k1024`` ...). A failed evaluation is
@@ -919,20 +1059,16 @@ def evaluate_best(cfg: StudyConfig, grid: Any, ranked: list[TrialSummary], uri: 
     """
     import ray
 
-    if not cfg.evaluate.top_n:
-        return {}
-    by_id = {r.metrics.get("trial_id"): r for r in grid}
-    task = ray.remote(_evaluate_trial).options(num_cpus=cfg.resources.cpu, num_gpus=cfg.resources.gpu,
-                                               max_retries=0)
     pending = {}
-    for t in [t for t in ranked if t.best is not None][: cfg.evaluate.top_n]:
-        result = by_id[t.trial_id]
-        ckpt = result.checkpoint  # the latest; it carries the trial's best weights
+    for t in chosen:
+        ckpt = results[t.trial_id].checkpoint  # the latest; it carries the trial's best weights
         if ckpt is None:
             continue
         data = trial_config(cfg.base, t.sampled, t.name).data
+        res = trial_resources(cfg, t.sampled)
+        task = ray.remote(_evaluate_trial).options(num_cpus=res.cpu, num_gpus=res.gpu, max_retries=0)
         pending[t.trial_id] = task.remote(ckpt, data, cfg.evaluate.split, cfg.evaluate.ks, uri,
-                                          cfg.evaluate.max_pairs)
+                                          cfg.evaluate.max_pairs, cfg.evaluate.warp)
     out = {}
     for trial_id, ref in pending.items():
         try:
@@ -979,6 +1115,25 @@ def log_study_summary(cfg: StudyConfig, outcome: StudyOutcome) -> None:
     counts = {s: sum(t.status == s for t in outcome.trials) for s in ("finished", "stopped_early", "failed")}
     tracking.log_metrics(uri, parent, {f"best_{cfg.metric}": best.best, **{f"trials_{k}": v for k, v in counts.items()},
                                        **outcome.evaluated.get(best.trial_id, {})})
+    rows = repeat_spreads(cfg, outcome)
+    if rows:
+        tracking.log_metrics(uri, parent, repeats.parent_metrics(rows))
+        tracking.log_text(uri, parent, repeats.format_spreads(rows, cfg.metric, _sampled_keys(cfg)),
+                          "study/repeats.txt")
+
+
+def _sampled_keys(cfg: StudyConfig) -> list[str]:
+    return [s.key for s in cfg.space if s.sampled]
+
+
+def repeat_spreads(cfg: StudyConfig, outcome: StudyOutcome) -> list[repeats.Spread]:
+    """Mean and spread per repeated configuration: its complete search run and its repeats."""
+    repeated = {t.repeat_of for t in outcome.repeats}
+    originals = {t.trial_id: (t.name, t.sampled) for t in outcome.trials if t.trial_id in repeated}
+    members = [repeats.Member(t.repeat_of or t.trial_id, t.best, outcome.evaluated.get(t.trial_id, {}))
+               for t in [*outcome.trials, *outcome.repeats]
+               if t.status == "finished" and (t.repeat_of or t.trial_id) in originals]
+    return repeats.spreads(members, originals, cfg.metric)
 
 
 def register_best_trial(cfg: StudyConfig, outcome: StudyOutcome, echo: Echo) -> int | None:
@@ -1011,6 +1166,9 @@ def summary_text(cfg: StudyConfig, outcome: StudyOutcome) -> str:
 
     rows = [{"trial": t.name, "status": t.status, "epochs": t.epochs, "best": t.best,
              **{k: t.sampled.get(k) for k in (s.key for s in cfg.space if s.sampled)}} for t in outcome.trials]
-    failures = "".join(f"\n{t.name} failed: {t.error}" for t in outcome.trials if t.status == "failed")
+    failures = "".join(f"\n{t.name} failed: {t.error}" for t in [*outcome.trials, *outcome.repeats]
+                       if t.status == "failed")
+    spread = repeat_spreads(cfg, outcome)
+    table = "\n\n" + repeats.format_spreads(spread, cfg.metric, _sampled_keys(cfg)) if outcome.repeats else ""
     return (f"\nstudy {cfg.name}: {len(outcome.trials)} trials; MLflow {outcome.tracking_uri} "
-            f"(parent run {outcome.parent_run_id})\n" + format_trials(rows, cfg.metric) + failures)
+            f"(parent run {outcome.parent_run_id})\n" + format_trials(rows, cfg.metric) + table + failures)

@@ -254,7 +254,7 @@ def parse_space(raw: Any, source: str, base_flat: Mapping[str, Any]) -> tuple[Pa
                 f"type: required; one of {', '.join(KINDS)}"
             raise ConfigError(f"{source}: {where}.type: {msg}" if kind is not None else f"{source}: {where}.{msg}")
         spec = build_dataclass(_SPEC_CLASSES[kind], entry, source, prefix=f"{where}.")
-        when = _parse_when(spec.when, source, where, specs, base_flat)
+        when = parse_when(spec.when, source, where, specs, base_flat)
         specs.append(ParamSpec(
             key=key,
             kind=kind,
@@ -276,9 +276,11 @@ def parse_space(raw: Any, source: str, base_flat: Mapping[str, Any]) -> tuple[Pa
     return tuple(specs)
 
 
-def _parse_when(
+def parse_when(
     when: dict | None, source: str, where: str, earlier: list[ParamSpec], base_flat: Mapping[str, Any]
 ) -> tuple[tuple[str, tuple], ...]:
+    """A ``when:`` mapping (key -> a value or a list of values) as conditions; each key must be
+    sampled by an ``earlier`` spec or be a base value."""
     if not when:
         return ()
     out = []

@@ -71,6 +71,7 @@ TAG_ROLE, TAG_TRIAL, TAG_STATUS, TAG_REASON, TAG_STUDY = (
 )
 TAG_STORAGE, TAG_ATTEMPT, TAG_SUPERSEDED = "s2study.storage", "s2study.attempt", "s2study.superseded_by"
 TAG_OPTUNA = "s2study.optuna_storage"  # the study's Optuna storage URL (password masked) or memory
+TAG_REPEAT_OF = "s2study.repeat_of"  # a repeat's run: the trial id of the search trial it repeats
 PARENT = "mlflow.parentRunId"
 # MLflow 3's UI opens an experiment by its kind: this one on the runs table (an untagged
 # experiment opens on the GenAI traces overview)
@@ -645,8 +646,15 @@ def has_artifact(uri: str, run_id: str, path: str) -> bool:
     return any(f.path == path for f in client(uri).list_artifacts(run_id, folder))
 
 
-def drop_orphan_runs(uri: str, experiment_id: str, parent_run_id: str, trial_ids: set[str]) -> int:
+def is_repeat(run: Any) -> bool:
+    """Whether an MLflow trial run is a repeat (:mod:`s2study.study.repeats`), not a search trial."""
+    return TAG_REPEAT_OF in run.data.tags
+
+
+def drop_orphan_runs(uri: str, experiment_id: str, parent_run_id: str, trial_ids: set[str],
+                     repeats: bool = False) -> int:
     """Delete trial runs of trials Tune does not know (after ``--resume``); returns how many.
+    Only the search's trial runs are looked at, or with ``repeats`` only the repeats' runs.
 
     A driver killed between a trial's start and Tune's next experiment snapshot (at most every
     10 s) leaves a run whose trial the restored study never had; Optuna suggests a new trial
@@ -655,7 +663,7 @@ def drop_orphan_runs(uri: str, experiment_id: str, parent_run_id: str, trial_ids
     """
     n = 0
     for run in child_runs(uri, experiment_id, parent_run_id):
-        if run.data.tags.get(TAG_TRIAL) in trial_ids:
+        if run.data.tags.get(TAG_TRIAL) in trial_ids or is_repeat(run) != repeats:
             continue
         if run.info.status == "RUNNING":
             finish_run(uri, run.info.run_id, "killed", "lost: the driver died before Tune recorded this trial")
@@ -728,9 +736,9 @@ class TrialRun:
     @classmethod
     def open(cls, uri: str, experiment_id: str, parent_run_id: str, trial_id: str, trial_name: str,
              params: dict[str, Any], metric: str, mode: str, run_id: str | None = None,
-             limit_s: float | None = None) -> TrialRun:
+             limit_s: float | None = None, tags: dict[str, str] | None = None) -> TrialRun:
         """Reopen ``run_id`` (from the trial checkpoint) or the run tagged with ``trial_id``,
-        else create a child run of ``parent_run_id``; then log ``params``."""
+        else create a child run of ``parent_run_id`` (with ``tags``); then log ``params``."""
         c = client(uri)
 
         def find_or_create() -> str:
@@ -742,7 +750,7 @@ class TrialRun:
                 reopen_run(uri, found[0].info.run_id)
                 return found[0].info.run_id
             return c.create_run(experiment_id, run_name=trial_name, tags={
-                PARENT: parent_run_id, TAG_TRIAL: trial_id, TAG_STATUS: "running"}).info.run_id
+                **(tags or {}), PARENT: parent_run_id, TAG_TRIAL: trial_id, TAG_STATUS: "running"}).info.run_id
 
         if run_id is not None:
             reopen_run(uri, run_id)

@@ -84,8 +84,15 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any], name: str):
     return train_config_from_dict(overlay(base, sampled), source=f"trial {name}")
 
 
-def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
-    """Tune function trainable (see the module docstring)."""
+def run_repeat(config: dict[str, Any], settings: TrialSettings) -> None:
+    """Tune function trainable of a repeat: ``config["repeat"]`` holds the configuration
+    (``config``, with its seed) and the search trial it repeats (``of``)."""
+    repeat = config["repeat"]
+    run_trial(repeat["config"], settings, run_tags={tracking.TAG_REPEAT_OF: repeat["of"]})
+
+
+def run_trial(config: dict[str, Any], settings: TrialSettings, run_tags: dict[str, str] | None = None) -> None:
+    """Tune function trainable (see the module docstring); ``run_tags`` go on a new run."""
     from ray import tune
 
     from s2study.train import loader_workers, resolve_device, train
@@ -113,6 +120,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings) -> None:
         run = tracking.TrialRun.open(
             settings.tracking_uri, settings.experiment_id, settings.parent_run_id, trial_id, trial_name,
             params=flatten(config_to_dict(cfg)), metric=settings.metric, mode=settings.mode, run_id=run_id,
+            tags=run_tags,
         )
         # epochs of the checkpoint that never reached MLflow (queued when a head died with its server)
         if resume_from is not None and run.backfill(_history(resume_from)) and (work / BEST_FILE).is_file():
