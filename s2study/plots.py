@@ -94,6 +94,30 @@ def plot_lambda_curves(
     return path
 
 
+def plot_pareto_front(points: list[tuple[float, float]], front: list[int], labels: tuple[str, str],
+                      path: str | Path, title: str) -> Path:
+    """Every trial in the plane of two objectives (grey), the Pareto front in red, joined in
+    order of the first objective."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.8, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.scatter(*zip(*points), s=18, color="0.6", label="trials")
+    on = sorted(points[i] for i in front)
+    ax.plot(*zip(*on), marker="o", color="tab:red", label="Pareto front")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def draw_matches(
     image_a: np.ndarray,
     image_b: np.ndarray,

@@ -198,6 +198,9 @@ def study_report(uri: str, study_or_run: str, lambda_plot: str | None = None) ->
     head = (f"study {rec.parent.tags.get('s2study.study', rec.parent.name)} (experiment {rec.experiment}, "
             f"run {rec.parent.run_id}, {rec.parent.s2status}); {len(trials)} trials ranked by {metric} ({mode})")
     parts = [head, format_trials(rows, metric)]
+    objectives = [tuple(o.split(":")) for o in tags.get("s2study.objectives", "").split(",") if ":" in o]
+    if len(objectives) > 1:
+        parts.append(_front(trials, objectives, keys))
     if repeat_runs:
         parts.append(format_spreads(_spreads(trials, repeat_runs, metric), metric, keys))
     importances = _importances(tags.get("s2study.optuna_storage", ""), tags.get("s2study.study", rec.parent.name))
@@ -216,6 +219,19 @@ def study_report(uri: str, study_or_run: str, lambda_plot: str | None = None) ->
         name = rec.parent.tags.get("s2study.study", rec.parent.name)
         parts.append(f"lambda curve written to {plot_lambda_curves(curves, lambda_plot, f'{name}: NCM vs lambda')}")
     return "\n\n".join(parts)
+
+
+def _front(trials: list[Any], objectives: list[tuple[str, str]], keys: list[str]) -> str:
+    """The Pareto front of a multi-objective study from its trial runs (each at its best epoch:
+    ``best_<first metric>``, ``at_best/<other>``)."""
+    from s2study.study.pareto import format_front, front_rows
+    from s2study.study.tracking import AT_BEST
+
+    names = [f"best_{objectives[0][0]}", *(f"{AT_BEST}{m}" for m, _ in objectives[1:])]
+    points = [tuple(r.metrics[n] for n in names) if all(n in r.metrics for n in names) else None for r in trials]
+    sampled = [json.loads(r.tags.get("s2study.sampled", "{}")) for r in trials]
+    return format_front(front_rows([r.name for r in trials], points, [{k: v.get(k) for k in keys} for v in sampled],
+                                   objectives), objectives)
 
 
 def _spreads(trials: list[Any], repeat_runs: list[Any], metric: str) -> list[Any]:

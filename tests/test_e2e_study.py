@@ -107,7 +107,7 @@ def smoke(tmp_path_factory) -> Study:
     enqueue = "enqueue=[{" + ", ".join(f"{k}: {v}" for k, v in ENQUEUED.items()) + "}]"
     proc = subprocess.run(_command(folder, "--set", enqueue, "--set", f"register.name={MODEL}",
                                    "--set", f"repeats.top_n={REPEATED}", "--set", f"repeats.seeds={SEEDS}",
-                                   "--set", "evaluate.top_n=2"), cwd=folder,
+                                   "--set", "evaluate.top_n=2", "--set", "evaluate.warp=0"), cwd=folder,
                           env=_env(), check=False,
                           capture_output=True, text=True, timeout=STUDY_TIMEOUT)
     output = proc.stdout + proc.stderr
@@ -231,10 +231,18 @@ def test_best_trial_has_its_checkpoint_evaluation_and_cmr_plot(smoke, tmp_path):
     png = Path(client.download_artifacts(best_run.info.run_id, "plots/cmr_curve.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for k in (256, 512):
-        assert 0 <= best_run.data.metrics[f"eval/ncm_3px_k{k}"] <= best_run.data.metrics[f"eval/nc_k{k}"]
-        curve = client.get_metric_history(best_run.info.run_id, f"eval/cmr_curve_k{k}")
-        assert sorted(m.step for m in curve) == list(range(1, 11))
-    assert "TABLE II: number of correct matches" in _report(smoke)
+        for protocol in ("", "warped/"):  # evaluate.warp: the aligned pairs and their warped copies
+            assert 0 <= best_run.data.metrics[f"eval/{protocol}ncm_3px_k{k}"] <= best_run.data.metrics[
+                f"eval/{protocol}nc_k{k}"]
+            curve = client.get_metric_history(best_run.info.run_id, f"eval/{protocol}cmr_curve_k{k}")
+            assert sorted(m.step for m in curve) == list(range(1, 11))
+    assert best_run.data.metrics["eval/warped/ncm_3px_k256"] != best_run.data.metrics["eval/ncm_3px_k256"]
+    assert best_run.data.tags["s2study.eval_protocols"] == "aligned,warped:0"
+    warped = json.loads(Path(client.download_artifacts(best_run.info.run_id, "eval/warped/eval.json",
+                                                       str(tmp_path))).read_text())
+    assert warped["protocol"] == "warped:0" and warped["num_pairs"] == 3
+    report = _report(smoke)
+    assert "TABLE II: number of correct matches" in report and "RoadScene warped K=512" in report
 
 
 def test_each_trials_latest_checkpoint_carries_its_best_weights(smoke):
@@ -583,3 +591,42 @@ def test_a_wall_budget_stops_the_study_resumably_and_a_larger_one_finishes_it(wa
     assert parent.data.metrics["budget/wall_hours_spent"] * 3600 > 12  # counted over both attempts
     runs = warm.study.children()
     assert len(runs) == 2 and all(r.data.tags["s2study.status"] in ("finished", "stopped_early") for r in runs)
+
+
+def test_a_two_metric_study_reports_a_pareto_front_of_non_dominated_trials(smoke, tmp_path):
+    """metric: [val_ncm, val_cmr]: Optuna (NSGA-II) is told both at each trial's best epoch by
+    val_ncm; the report and the parent run hold the trials no other trial beats in both."""
+    import optuna
+
+    settings = ("--set", "name=smoke-pareto", "--set", "metric=[val_ncm, val_cmr]", "--set", "mode=[max, max]",
+                "--set", "sampler.name=nsga2", "--set", "sampler.n_startup_trials=null", "--set", "trials=4",
+                "--set", "asha.max_epochs=2", "--set", "evaluate.top_n=0")
+    proc = subprocess.run(_command(smoke.folder, *settings), cwd=smoke.folder, env=_env(), check=False,
+                          capture_output=True, text=True, timeout=STUDY_TIMEOUT)
+    study = Study(smoke.folder, smoke.uri, proc.stdout + proc.stderr, name="smoke-pareto")
+    assert proc.returncode == 0, study.output[-4000:]
+    runs = study.children()
+    values = {r.info.run_name: (r.data.metrics["best_val_ncm"], r.data.metrics["at_best/val_cmr"]) for r in runs}
+    for run in runs:  # the val_cmr of the epoch whose val_ncm is the best
+        ncm = {m.step: m.value for m in study.client.get_metric_history(run.info.run_id, "val_ncm")}
+        cmr = {m.step: m.value for m in study.client.get_metric_history(run.info.run_id, "val_cmr")}
+        best_epoch = min(s for s, v in ncm.items() if v == max(ncm.values()))
+        assert values[run.info.run_name] == (ncm[best_epoch], cmr[best_epoch])
+    storage = f"sqlite:///{smoke.folder / 'results' / 'smoke-pareto' / 'optuna.db'}"
+    optuna_study = optuna.load_study(study_name="smoke-pareto", storage=storage)
+    assert len(optuna_study.directions) == 2
+    assert sorted(tuple(t.values) for t in optuna_study.trials) == sorted(values.values())
+
+    front = {n for n, (a, b) in values.items()
+             if not any(x >= a and y >= b and (x, y) != (a, b) for x, y in values.values())}
+    report = subprocess.run([sys.executable, "-m", "s2study", "report", "smoke-pareto", "--tracking-uri", smoke.uri],
+                            check=False, capture_output=True, text=True, env=_env(), timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    section = report.stdout.split("Pareto front over val_ncm (max), val_cmr (max)")[1].split("\n\n", 2)[1]
+    listed = {line.split()[0] for line in section.splitlines()[2:] if line.strip()}
+    assert listed == front, report.stdout
+    (parent,) = study.parents()
+    artifacts = {a.path for a in study.client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/pareto_front.png" in artifacts and parent.data.metrics["pareto_front_trials"] == len(front)
+    csv_path = Path(study.client.download_artifacts(parent.info.run_id, "study/pareto_front.csv", str(tmp_path)))
+    assert {line.split(",")[0] for line in csv_path.read_text().splitlines()[1:]} == front

@@ -14,9 +14,9 @@ A study file is YAML with these top-level keys (all but ``space`` optional)::
     resources_when:                    # per-trial resources by configuration (first match wins)
       - {when: {method.name: r2d2}, cpu: 2, gpu: 0.5}
     asha: {max_epochs: 30, grace_period: 3, reduction_factor: 2}   # enabled: false = no early stop
-    metric: val_ncm
-    mode: max
-    sampler: {name: tpe, seed: 0, n_startup_trials: 4}  # tpe|random|gp|cmaes|grid|bruteforce
+    metric: val_ncm                    # or a list: [val_ncm, val_cmr] (a Pareto front; ASHA on the first)
+    mode: max                          # with a metric list, a mode per metric: [max, max]
+    sampler: {name: tpe, seed: 0, n_startup_trials: 4}  # tpe|random|gp|cmaes|grid|bruteforce|nsga2
     storage: ./s2study_results         # Ray storage_path: a local folder or s3://bucket/prefix
     tracking: {uri: sqlite:///mlflow.db, experiment: my-study}
     evaluate: {top_n: 1, split: auto, ks: [1024, 2048, 4096], warp: 0}   # auto: test, else val;
@@ -78,7 +78,8 @@ from s2study.study.space import (
 )
 
 METRICS = ("val_ncm", "val_nc", "val_cmr", "val_rep", "loss/total")
-SAMPLERS = ("tpe", "random", "gp", "cmaes", "grid", "bruteforce")
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "grid", "bruteforce", "nsga2")
+MULTI_OBJECTIVE_SAMPLERS = ("tpe", "nsga2", "random", "grid", "bruteforce")  # Optuna's with several objectives
 EVAL_SPLITS = ("auto", "test", "val")  # auto: test where the dataset has one, else val
 DEFAULT_STORAGE = "s2study_results"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -346,6 +347,31 @@ class OptunaConfig:
     storage: str | None = None
 
 
+def parse_objectives(metric: Any, mode: Any) -> tuple[tuple[str, str], ...]:
+    """``metric`` (a name or a list of names) with ``mode`` (one, or one per metric) as
+    ``((metric, mode), ...)``.
+
+    Raises:
+        ValueError: an unknown metric or mode, a repeated metric, a mode list of another length.
+    """
+    metrics = list(metric) if isinstance(metric, (list, tuple)) else [metric]
+    modes = list(mode) if isinstance(mode, (list, tuple)) else [mode]
+    if not metrics:
+        raise ValueError("metric: an empty list; name one metric or several (e.g. [val_ncm, val_cmr])")
+    for m in metrics:
+        if not isinstance(m, str) or m not in METRICS:
+            raise ValueError("metric: " + unknown_name_message("metric", str(m), list(METRICS)))
+    if len(set(metrics)) < len(metrics):
+        raise ValueError(f"metric: {metrics} names a metric twice")
+    if len(modes) != len(metrics):
+        raise ValueError(f"mode: {len(metrics)} metric(s) {metrics} need {len(metrics)} mode(s) (max or min, in "
+                         f"the same order), got {modes}")
+    for m in modes:
+        if m not in ("max", "min"):
+            raise ValueError(f"mode: {m!r} is not allowed; one of max, min")
+    return tuple(zip(metrics, modes))
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """A validated study.
@@ -362,7 +388,10 @@ class StudyConfig:
             budget / register / warm_start / repeats: the sections above (``optuna.storage``: None for the
             default, ``memory`` or a URL).
         enqueue: configurations Optuna evaluates first, each ``{space key: value}``.
-        metric / mode: what ASHA and Optuna optimise.
+        metric / mode: the study's (first) metric: what ASHA stops on, the best checkpoint,
+            the ranking.
+        objectives: ``((metric, mode), ...)``: what Optuna optimises; several give a
+            multi-objective study (each trial's values at its best epoch by ``metric``).
         storage: absolute local folder or a URI (``s3://...``) for Ray's experiment state.
         source: the study file (for messages).
     """
@@ -375,8 +404,9 @@ class StudyConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     resources_when: Any = ()
     asha: AshaConfig = field(default_factory=AshaConfig)
-    metric: str = "val_ncm"
-    mode: str = "max"
+    metric: Any = "val_ncm"
+    mode: Any = "max"
+    objectives: Any = ()
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     storage: str | None = None
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -396,10 +426,14 @@ class StudyConfig:
             raise ValueError(f"trials: must be >= 1, got {self.trials}")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ValueError(f"max_concurrent: must be >= 1 (or null), got {self.max_concurrent}")
-        if self.metric not in METRICS:
-            raise ValueError("metric: " + unknown_name_message("metric", self.metric, list(METRICS)))
-        if self.mode not in ("max", "min"):
-            raise ValueError(f"mode: {self.mode!r} is not allowed; one of max, min")
+        if not self.objectives or isinstance(self.metric, (list, tuple)):
+            object.__setattr__(self, "objectives", parse_objectives(self.metric, self.mode))
+        object.__setattr__(self, "metric", self.objectives[0][0])
+        object.__setattr__(self, "mode", self.objectives[0][1])
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
     @property
     def max_epochs(self) -> int:
@@ -445,7 +479,7 @@ def study_from_dict(raw: dict[str, Any], source: str, study_dir: Path | None = N
     cwd = (cwd or Path.cwd()).resolve()
     study_dir = study_dir or cwd
     raw = dict(raw)
-    for key in ("source",):
+    for key in ("source", "objectives"):
         if key in raw:
             raise ConfigError(f"{source}: {key}: unknown key {key!r}")
     raw_base, raw_space = raw.pop("base", None), raw.pop("space", None)
@@ -674,6 +708,9 @@ def _check_cuda_has_gpu(cfg: StudyConfig, source: str) -> None:
 
 def _check_sampler(cfg: StudyConfig, space: tuple[ParamSpec, ...], source: str) -> None:
     name = cfg.sampler.name
+    if cfg.multi_objective and name not in MULTI_OBJECTIVE_SAMPLERS:
+        raise ConfigError(f"{source}: sampler.name: {name!r} optimises one metric, and metric lists "
+                          f"{len(cfg.objectives)}; use one of {', '.join(MULTI_OBJECTIVE_SAMPLERS)}")
     if name == "grid":
         grid_values(space, source)
         if cfg.trials > grid_size(space):

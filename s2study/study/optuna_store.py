@@ -95,7 +95,7 @@ def prepare_study(cfg: StudyConfig, experiment_path: str, url: str | None = None
                     f"{cfg.name} --storage URL")
             optuna.delete_study(study_name=cfg.name, storage=storage)
     study = optuna.create_study(storage=storage, study_name=cfg.name,
-                                direction="maximize" if cfg.mode == "max" else "minimize")
+                                directions=["maximize" if mode == "max" else "minimize" for _, mode in cfg.objectives])
     study.set_user_attr(ATTR_STORAGE, experiment_path)
     study.set_user_attr("s2study.metric", cfg.metric)
     if cfg.warm_start.study:
@@ -111,7 +111,7 @@ def warm_trials(cfg: StudyConfig, record: Any) -> tuple[list[Any], dict[str, int
     import optuna
 
     from s2study.study.space import assignments
-    from s2study.study.tracking import TAG_REPEAT_OF
+    from s2study.study.tracking import AT_BEST, TAG_REPEAT_OF
 
     specs = {s.key: s for s in cfg.space if s.sampled}
     best_key = f"best_{cfg.metric}"
@@ -138,9 +138,14 @@ def warm_trials(cfg: StudyConfig, record: Any) -> tuple[list[Any], dict[str, int
         if active - set(params):
             skip(f"no value for {min(active - set(params))}")
             continue
+        others = [f"{AT_BEST}{m}" for m, _ in cfg.objectives[1:]]
+        if any(k not in run.metrics for k in others):
+            skip(f"no {next(k for k in others if k not in run.metrics)} (its values at its best epoch)")
+            continue
         added.append(optuna.trial.create_trial(
             params={k: params[k] for k in active}, distributions={k: specs[k].distribution() for k in active},
-            value=run.metrics[best_key], user_attrs={"s2study.warm_start_run": run.run_id}))
+            values=[run.metrics[best_key], *(run.metrics[k] for k in others)],
+            user_attrs={"s2study.warm_start_run": run.run_id}))
     return added, skipped
 
 
@@ -179,6 +184,8 @@ def param_importances(storage_url: str, study_name: str) -> dict[str, float]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return dict(optuna.importance.get_param_importances(study))
+            # several objectives: the importances for the first, the study's metric
+            target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
+            return dict(optuna.importance.get_param_importances(study, target=target))
     except (RuntimeError, ValueError):  # e.g. no parameter common to the completed trials
         return {}

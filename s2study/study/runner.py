@@ -104,6 +104,7 @@ class TrialSummary:
     run_id: str | None = None
     error: str | None = None
     repeat_of: str | None = None  # a repeat's search trial (:mod:`s2study.study.repeats`)
+    objectives: tuple[float, ...] | None = None  # each objective's value at the best epoch (multi-objective)
 
 
 @dataclass
@@ -495,6 +496,7 @@ def study_params(cfg: StudyConfig) -> dict[str, Any]:
     """Parent-run params: the study settings and the fixed base values (``base.*``)."""
     settings = {
         "trials": cfg.trials, "max_concurrent": cfg.max_concurrent, "metric": cfg.metric, "mode": cfg.mode,
+        "objectives": ",".join(f"{m}:{d}" for m, d in cfg.objectives),
         "resources": config_to_dict(cfg.resources), "asha": config_to_dict(cfg.asha),
         "sampler": config_to_dict(cfg.sampler), "evaluate": config_to_dict(cfg.evaluate),
         "max_failures": cfg.failure.max_failures, "storage": cfg.storage,
@@ -506,9 +508,12 @@ def study_params(cfg: StudyConfig) -> dict[str, Any]:
 def resolved_study(cfg: StudyConfig) -> dict[str, Any]:
     """The study as run: base, space and settings with every default filled in."""
     out = {k: config_to_dict(v) if hasattr(v, "__dataclass_fields__") else v
-           for k, v in vars(cfg).items() if k not in ("space", "source")}
+           for k, v in vars(cfg).items() if k not in ("space", "source", "resources_when", "objectives")}
+    out["objectives"] = [list(o) for o in cfg.objectives]
+    out["resources_when"] = [{"when": {k: list(v) for k, v in r.when}, **config_to_dict(r.resources)}
+                             for r in cfg.resources_when]
     out["space"] = {s.key: s.describe() for s in cfg.space}
-    return out
+    return _jsonable(out)
 
 
 def run_study(
@@ -696,6 +701,7 @@ def _study_run(cfg: StudyConfig, fs: Any, folder: str, experiment_id: str, plan:
         parent = tracking.start_study_run(uri, experiment_id, cfg.name, study_params(cfg), tags={
             "s2study.space_keys": ",".join(s.key for s in cfg.space if s.sampled),
             "s2study.metric": cfg.metric, "s2study.mode": cfg.mode, tracking.TAG_STORAGE: exp_path,
+            "s2study.objectives": ",".join(f"{m}:{d}" for m, d in cfg.objectives),
             tracking.TAG_OPTUNA: optuna_store.safe_url(optuna_url)})
         if earlier is not None and earlier != parent:
             tracking.close_running_children(uri, experiment_id, earlier, "killed", "superseded")
@@ -774,7 +780,8 @@ def _trainable(cfg: StudyConfig, outcome: StudyOutcome, function: Callable[..., 
     from ray.tune import PlacementGroupFactory
 
     settings = TrialSettings(cfg.base, outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id,
-                             cfg.metric, cfg.mode, cfg.resources.gpu, cfg.system_metrics.interval_s)
+                             cfg.metric, cfg.mode, cfg.resources.gpu, cfg.system_metrics.interval_s,
+                             also=tuple(m for m, _ in cfg.objectives[1:]))
     trainable = tune.with_parameters(function, settings=settings)
     if not cfg.resources_when:
         return tune.with_resources(trainable, {"cpu": cfg.resources.cpu, "gpu": cfg.resources.gpu})
@@ -802,7 +809,8 @@ def _settle(cfg: StudyConfig, outcome: StudyOutcome, trials: list[TrialSummary],
         result = by_trial.get(run.data.tags.get(tracking.TAG_TRIAL))
         if status != "killed" and result is not None and result.checkpoint is not None:
             try:
-                added = complete_from_checkpoint(uri, run.info.run_id, result.checkpoint, cfg.metric, cfg.mode)
+                added = complete_from_checkpoint(uri, run.info.run_id, result.checkpoint, cfg.metric, cfg.mode,
+                                                 also=tuple(m for m, _ in cfg.objectives[1:]))
             except Exception as exc:  # noqa: BLE001 - the study's result does not depend on it
                 echo(f"could not complete MLflow run {run.info.run_id} from its checkpoint: {_last_line(exc)}")
                 return
@@ -874,7 +882,8 @@ def _fit_repeats(cfg: StudyConfig, outcome: StudyOutcome, storage_filesystem: An
     return results
 
 
-def complete_from_checkpoint(uri: str, run_id: str, checkpoint: Any, metric: str, mode: str) -> int:
+def complete_from_checkpoint(uri: str, run_id: str, checkpoint: Any, metric: str, mode: str,
+                             also: tuple[str, ...] = ()) -> int:
     """Log into ``run_id`` the epochs of a trial's latest Tune checkpoint (its ``history``)
     that the run lacks, and its best weights where the run has none; returns how many epochs.
 
@@ -886,6 +895,7 @@ def complete_from_checkpoint(uri: str, run_id: str, checkpoint: Any, metric: str
     with checkpoint.as_directory() as d:
         history = list(load_checkpoint(Path(d) / CHECKPOINT_FILE).get("history") or [])
         run = tracking.TrialRun.attach(uri, run_id, metric, mode)
+        run.also = also
         before = run.last_step
         run.backfill(history)
         run.flush()
@@ -945,12 +955,17 @@ def summarize(cfg: StudyConfig, grid: Any, uri: str, experiment_id: str, parent:
         else:
             status = "incomplete"
         best = tracking.best_of(values, cfg.mode)
+        objectives = None
+        if cfg.multi_objective and best is not None and all(m in df for m, _ in cfg.objectives):
+            row = df[df[cfg.metric] == best].iloc[0]  # the best epoch: the first reaching the best value
+            objectives = tuple(float(row[m]) for m, _ in cfg.objectives)
         out.append(TrialSummary(
             trial_id=trial_id, name=run.info.run_name if run else trial_id, status=status, epochs=epochs,
             best=best, last=values[-1] if values else None,
             sampled=sampled_of(result.config or {}), run_id=run.info.run_id if run else None,
             error=_last_line(result.error) if result.error else (
                 run.data.tags.get(tracking.TAG_REASON) if status == "failed" else None),
+            objectives=objectives,
         ))
     sign = -1 if cfg.mode == "max" else 1
     return sorted(out, key=lambda t: (t.best is None, sign * (t.best or 0.0)))
@@ -1115,11 +1130,48 @@ def log_study_summary(cfg: StudyConfig, outcome: StudyOutcome) -> None:
     counts = {s: sum(t.status == s for t in outcome.trials) for s in ("finished", "stopped_early", "failed")}
     tracking.log_metrics(uri, parent, {f"best_{cfg.metric}": best.best, **{f"trials_{k}": v for k, v in counts.items()},
                                        **outcome.evaluated.get(best.trial_id, {})})
+    if cfg.multi_objective:
+        _log_pareto_front(cfg, outcome)
     rows = repeat_spreads(cfg, outcome)
     if rows:
         tracking.log_metrics(uri, parent, repeats.parent_metrics(rows))
         tracking.log_text(uri, parent, repeats.format_spreads(rows, cfg.metric, _sampled_keys(cfg)),
                           "study/repeats.txt")
+
+
+def pareto_rows(cfg: StudyConfig, outcome: StudyOutcome) -> list[dict]:
+    """The search's trials on the Pareto front of a multi-objective study (:mod:`pareto`)."""
+    from s2study.study.pareto import front_rows
+
+    keys = _sampled_keys(cfg)
+    return front_rows([t.name for t in outcome.trials], [t.objectives for t in outcome.trials],
+                      [{k: t.sampled.get(k) for k in keys} for t in outcome.trials], cfg.objectives)
+
+
+def _log_pareto_front(cfg: StudyConfig, outcome: StudyOutcome) -> None:
+    """The front as ``study/pareto_front.csv`` and, for two objectives, ``plots/pareto_front.png``."""
+    import tempfile
+
+    from s2study.plots import plot_pareto_front
+    from s2study.study.pareto import pareto_front
+
+    uri, parent = outcome.tracking_uri, outcome.parent_run_id
+    rows = pareto_rows(cfg, outcome)
+    if not rows:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    tracking.log_text(uri, parent, buf.getvalue(), "study/pareto_front.csv")
+    tracking.log_metrics(uri, parent, {"pareto_front_trials": len(rows)})
+    points = [t.objectives for t in outcome.trials if t.objectives is not None]
+    if len(cfg.objectives) == 2 and points:
+        with tempfile.TemporaryDirectory(prefix="s2study-pareto-") as tmp:
+            path = plot_pareto_front(points, pareto_front(points, [m for _, m in cfg.objectives]),
+                                     (cfg.objectives[0][0], cfg.objectives[1][0]), Path(tmp) / "pareto_front.png",
+                                     f"{cfg.name}: Pareto front")
+            tracking.log_artifact(uri, parent, path, "plots")
 
 
 def _sampled_keys(cfg: StudyConfig) -> list[str]:
@@ -1170,5 +1222,9 @@ def summary_text(cfg: StudyConfig, outcome: StudyOutcome) -> str:
                        if t.status == "failed")
     spread = repeat_spreads(cfg, outcome)
     table = "\n\n" + repeats.format_spreads(spread, cfg.metric, _sampled_keys(cfg)) if outcome.repeats else ""
+    if cfg.multi_objective:
+        from s2study.study.pareto import format_front
+
+        table += "\n\n" + format_front(pareto_rows(cfg, outcome), cfg.objectives)
     return (f"\nstudy {cfg.name}: {len(outcome.trials)} trials; MLflow {outcome.tracking_uri} "
             f"(parent run {outcome.parent_run_id})\n" + format_trials(rows, cfg.metric) + table + failures)

@@ -6,6 +6,9 @@ ends on an early epoch; s2study ranks, evaluates and reports trials by their *be
 that the sampler models the objective the study optimises, :class:`StudySearch` replaces the
 last value by the best one (:func:`s2study.study.tracking.improves`, the rule the trial's
 best checkpoint and the study's ranking use). Intermediate values still reach Optuna per epoch.
+In a multi-objective study (``metric: [val_ncm, val_cmr]``) a trial's values are those of its
+best epoch by the first metric, the epoch of its best checkpoint (Optuna takes no intermediate
+values there).
 """
 
 from __future__ import annotations
@@ -29,8 +32,12 @@ class StudySearch(_optuna_search_class()):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._best_values: dict[str, float] = {}
+        self._best_values: dict[str, dict[str, float]] = {}  # trial -> its best epoch's objective values
         self._last_steps: dict[str, int] = {}
+
+    @property
+    def _objectives(self) -> list[str]:
+        return list(self.metric) if isinstance(self.metric, (list, tuple)) else [self.metric]
 
     def _kept(self, name: str) -> dict:
         return self.__dict__.setdefault(name, {})  # a searcher restored from an older state lacks it
@@ -44,12 +51,16 @@ class StudySearch(_optuna_search_class()):
         super().on_trial_result(trial_id, result)
         self._last_steps[trial_id] = step
         best = self._kept("_best_values")
-        value = result.get(self.metric)
-        if tracking.improves(value, best.get(trial_id), self.mode):
-            best[trial_id] = float(value)
+        first, mode = self._objectives[0], self.mode[0] if isinstance(self.mode, (list, tuple)) else self.mode
+        held = best.get(trial_id)
+        if isinstance(held, (int, float)):  # a searcher saved before values were kept per objective
+            held = {first: float(held)}
+        if tracking.improves(result.get(first), (held or {}).get(first), mode) and all(
+                m in result for m in self._objectives):
+            best[trial_id] = {m: float(result[m]) for m in self._objectives}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if (result and not error and self.metric in result and "training_iteration" in result
+        if (result and not error and self._objectives[0] in result and "training_iteration" in result
                 and trial_id not in self._completed_trials):
             self.on_trial_result(trial_id, result)  # Tune hands a trial's last epoch to this call only
         best = self._kept("_best_values").pop(trial_id, None)
@@ -57,8 +68,10 @@ class StudySearch(_optuna_search_class()):
         if self._finished_in_storage(trial_id):
             self._completed_trials.add(trial_id)
             return
-        if best is not None and result and self.metric in result:
-            result = {**result, self.metric: best}
+        if isinstance(best, (int, float)):
+            best = {self._objectives[0]: float(best)}
+        if best is not None and result and self._objectives[0] in result:
+            result = {**result, **best}
         super().on_trial_complete(trial_id, result, error)
 
     def _finished_in_storage(self, trial_id: str) -> bool:
@@ -84,6 +97,26 @@ class StudySearch(_optuna_search_class()):
                 storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
+def _nsga2_class() -> type:
+    from optuna.samplers import NSGAIISampler
+
+    return NSGAIISampler
+
+
+class PicklableNSGAII(_nsga2_class()):
+    """Optuna's NSGA-II sampler, picklable: Tune saves the searcher (and its sampler) with the
+    experiment state, and Optuna's holds a thread lock, made anew on loading."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_thread_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import threading
+
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
 def build_sampler(cfg: StudyConfig):
     """The Optuna sampler named by ``cfg.sampler`` (seeded)."""
     import optuna
@@ -105,6 +138,8 @@ def build_sampler(cfg: StudyConfig):
             return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=n_startup)
         if s.name == "grid":
             return optuna.samplers.GridSampler(grid_values(cfg.space, cfg.source), seed=s.seed)
+        if s.name == "nsga2":
+            return PicklableNSGAII(seed=s.seed)
         return optuna.samplers.BruteForceSampler(seed=s.seed)
 
 
@@ -112,6 +147,8 @@ def build_searcher(cfg: StudyConfig, storage: Any | None) -> StudySearch:
     """The searcher of a new study: the space, the sampler, the enqueued configurations first,
     its Optuna study in ``storage`` (from :func:`~s2study.study.optuna_store.prepare_study`;
     None: a new in-memory one)."""
-    return StudySearch(DefineByRun(cfg.space, cfg.base_flat), metric=cfg.metric, mode=cfg.mode,
+    metric, mode = ([m for m, _ in cfg.objectives], [d for _, d in cfg.objectives]) if cfg.multi_objective else (
+        cfg.metric, cfg.mode)
+    return StudySearch(DefineByRun(cfg.space, cfg.base_flat), metric=metric, mode=mode,
                        sampler=build_sampler(cfg), study_name=cfg.name, storage=storage,
                        points_to_evaluate=[dict(p) for p in cfg.enqueue] or None)

@@ -72,6 +72,8 @@ TAG_ROLE, TAG_TRIAL, TAG_STATUS, TAG_REASON, TAG_STUDY = (
 TAG_STORAGE, TAG_ATTEMPT, TAG_SUPERSEDED = "s2study.storage", "s2study.attempt", "s2study.superseded_by"
 TAG_OPTUNA = "s2study.optuna_storage"  # the study's Optuna storage URL (password masked) or memory
 TAG_REPEAT_OF = "s2study.repeat_of"  # a repeat's run: the trial id of the search trial it repeats
+#: a multi-objective study's other metrics at each trial's best epoch: ``at_best/val_cmr``
+AT_BEST = "at_best/"
 PARENT = "mlflow.parentRunId"
 # MLflow 3's UI opens an experiment by its kind: this one on the runs table (an untagged
 # experiment opens on the GenAI traces overview)
@@ -725,7 +727,12 @@ class TrialRun:
         last_step: the last epoch already logged (a resumed trial skips epochs <= it).
         best: the best metric value logged so far.
         limit_s: the outage limit of its writes (default :data:`OUTAGE_LIMIT_S`).
+
+    ``also``: other metrics (a multi-objective study's) logged as ``at_best/<name>`` with each
+    epoch that improves the metric: their values at the trial's best epoch.
     """
+
+    also: tuple[str, ...] = ()
 
     def __init__(self, uri: str, run_id: str, metric: str, mode: str,
                  last_step: int = 0, best: float | None = None, limit_s: float | None = None) -> None:
@@ -779,9 +786,10 @@ class TrialRun:
         improved = improves(value, self.best, self.mode)
         if epoch <= self.last_step:
             return False
+        out = dict(metrics)
         if improved:
             self.best = float(value)
-        out = dict(metrics)
+            out.update({f"{AT_BEST}{m}": metrics[m] for m in self.also if m in metrics})
         if self.best is not None:
             out[f"best_{self.metric}"] = self.best
         items = metric_items(out, step=epoch)

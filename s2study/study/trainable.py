@@ -67,6 +67,7 @@ class TrialSettings:
         metric / mode: the study metric.
         gpu_fraction: the trial's GPU share; below 1 it caps CUDA memory to that share.
         system_metrics_s: MLflow system-metrics sampling interval in seconds (0: off).
+        also: a multi-objective study's other metrics (logged at the best epoch, ``at_best/...``).
     """
 
     base: dict[str, Any]
@@ -77,6 +78,7 @@ class TrialSettings:
     mode: str
     gpu_fraction: float = 0.0
     system_metrics_s: float = 15.0
+    also: tuple[str, ...] = ()
 
 
 def trial_config(base: dict[str, Any], sampled: dict[str, Any], name: str):
@@ -122,6 +124,7 @@ def run_trial(config: dict[str, Any], settings: TrialSettings, run_tags: dict[st
             params=flatten(config_to_dict(cfg)), metric=settings.metric, mode=settings.mode, run_id=run_id,
             tags=run_tags,
         )
+        run.also = settings.also
         # epochs of the checkpoint that never reached MLflow (queued when a head died with its server)
         if resume_from is not None and run.backfill(_history(resume_from)) and (work / BEST_FILE).is_file():
             run.log_artifact(work / BEST_FILE, "checkpoints")
