@@ -33,6 +33,8 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import functools
+import gc
 import io
 import itertools
 import json
@@ -86,6 +88,7 @@ TARGETS: dict[str, str] = {
     "extract_r2d2_multi_rgbnir": "<= 1.0x official",
     "mnn_4096": "<= 0.4x cv2.BFMatcher (same run)",
     "study_overhead": "<= 0.1 s per extra trial (warm Ray), start-up <= 10 s",
+    "study_scale": "driver overhead per trial flat in N and <= 0.1 s; driver memory at most linear in N",
 }
 #: official R2D2 S2 step peak RSS (reference, other run)
 REFERENCE_R2D2_PEAK_RSS_MB = 2100.0
@@ -220,6 +223,7 @@ class Context:
     repeats: int | None
     timer: Timer
     precision: str = "auto"  # the batched S2 steps' precision, resolved as the trainer does
+    scale_trials: tuple[int, ...] = (10, 100, 300)  # study_scale: the study sizes N
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def n(self, cpu: int, gpu: int | None = None) -> int:
@@ -788,6 +792,228 @@ def bench_study_overhead(ctx: Context) -> Result:
     }
 
 
+# ----------------------------------------------------------------------------- study scale
+
+#: the cheapest real trial, set on search_spaces/smoke.yaml as ``s2study run --set`` would: one
+#: epoch of one training step on 32 px crops, validation on one val pair shrunk to 64 px at K=64,
+#: no post-study evaluation
+STUDY_SCALE_OVERRIDES = (
+    "base.steps_per_epoch=1",
+    "base.crop_size=32",
+    "base.val_k=64",
+    "base.data.max_train_pairs=1",
+    "base.data.max_val_pairs=1",
+    "base.data.val_max_size=64",
+    "asha.max_epochs=1",
+    "asha.grace_period=1",
+    "evaluate.top_n=0",
+)
+STUDY_SCALE_WARMUP = 2  # trials of the untimed first study (imports, first worker processes)
+DEFAULT_SCALE_TRIALS = (10, 100, 300)
+
+
+def _vm_rss_mb() -> float | None:
+    """The process's current resident set (``VmRSS``), in MB; None off Linux."""
+    try:
+        found = re.search(r"VmRSS:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) / 1024 if found else None
+
+
+class _EchoLog:
+    """run_study's ``echo``: each line with its time, into the study's log file."""
+
+    def __init__(self, log: io.TextIOBase) -> None:
+        self.log, self.lines = log, []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append((time.perf_counter(), line))
+        print(line, file=self.log, flush=True)
+
+    def first(self, prefix: str) -> float | None:
+        return next((t for t, line in self.lines if line.startswith(prefix)), None)
+
+
+@contextlib.contextmanager
+def _timed_fits(into: list[tuple[float, float]]):
+    """Record the start and end (``time.perf_counter``) of every ``Tuner.fit`` in the block;
+    the fit itself is unchanged."""
+    from ray.tune import Tuner
+
+    fit = Tuner.fit
+
+    @functools.wraps(fit)
+    def timed(self, *args: Any, **kwargs: Any):
+        t0 = time.perf_counter()
+        try:
+            return fit(self, *args, **kwargs)
+        finally:
+            into.append((t0, time.perf_counter()))
+
+    Tuner.fit = timed
+    try:
+        yield
+    finally:
+        Tuner.fit = fit
+
+
+def _one_study_scale(trials: int, folder: Path) -> dict[str, Any]:
+    """One ``run_study`` of ``trials`` cheapest real trials, with its storage, Optuna study and
+    MLflow store (sqlite) in ``folder``, on the Ray this process started; its times (seconds
+    from the call), the trial runs' own time and the driver's memory."""
+    from s2study.study import tracking
+    from s2study.study.config import load_study
+    from s2study.study.runner import run_study
+
+    study_file = REPO / "search_spaces" / "smoke.yaml"
+    overrides = [
+        *STUDY_SCALE_OVERRIDES,
+        f"name=scale-{trials}",
+        # JSON-quoted, as `s2study run --storage/--tracking-uri` passes them
+        f"storage={json.dumps(str(folder / 'storage'))}",
+        f"tracking.uri={json.dumps('sqlite:///' + str(folder / 'mlflow.db'))}",
+    ]
+    cfg = load_study(study_file, overrides, trials=trials)
+    concurrency = cfg.max_concurrent or 1
+    load = os.getloadavg()[0]
+    fits: list[tuple[float, float]] = []
+    with open(folder / "study.log", "w") as log:
+        echo = _EchoLog(log)
+        gc.collect()
+        hwm = _reset_hwm() and _read_hwm_mb() is not None  # trims the heap first
+        rss_before = _vm_rss_mb()
+        epoch0, t0 = time.time(), time.perf_counter()
+        # Tune's and the workers' lines (forwarded to the driver) go to the log, not the report
+        with _timed_fits(fits), contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            outcome = run_study(cfg, study_text=study_file.read_text(encoding="utf-8"), echo=echo)
+        wall = time.perf_counter() - t0
+        peak = _read_hwm_mb() if hwm else _maxrss_mb()
+    bad = [t for t in outcome.trials if t.status != "finished"]
+    if len(outcome.trials) != trials or bad or len(fits) != 1:
+        detail = f"; {bad[0].name}: {bad[0].status} {bad[0].error or ''}" if bad else ""
+        raise RuntimeError(f"a study of {trials} trials ended with {len(outcome.trials)} trials, "
+                           f"{len(bad)} not finished, {len(fits)} fits{detail}")
+    experiment_id, parent = outcome.experiment_id, outcome.parent_run_id
+    del outcome  # what the driver still holds of the study once its outcome is dropped:
+    gc.collect()
+    _trim_heap()
+    rss_after = _vm_rss_mb()
+    fit_start, fit_end = fits[0][0] - t0, fits[0][1] - t0
+    runs = tracking.child_runs(cfg.tracking.uri, experiment_id, parent)
+    if len(runs) != trials:
+        raise RuntimeError(f"{len(runs)} MLflow trial runs for {trials} trials")
+    # each trial run from its start to its end (the trial's own clock readings, in s from the
+    # call); an end after the fit returned is the run's end write landing late (a trial Tune
+    # stopped lets go at once) or the driver ending it (settle_trial_runs): not trial work
+    spans = sorted((r.info.start_time / 1e3 - epoch0, r.info.end_time / 1e3 - epoch0) for r in runs)
+    late = [end - fit_end for _, end in spans if end > fit_end]
+    spans = [(start, min(end, fit_end)) for start, end in spans]
+    work = sum(end - start for start, end in spans)
+    first, last = spans[0][0], max(end for _, end in spans)
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = overlap = 0
+    for _, step in events:
+        running += step
+        overlap = max(overlap, running)
+    busy = work / concurrency
+    return {
+        "trials": trials,
+        "wall_s": wall,
+        "setup_s": fit_start,  # run_study up to Tuner.fit: checks, stores, parent run
+        "fit_s": fit_end - fit_start,
+        "post_fit_s": wall - fit_end,  # summary, settling the trial runs, ending the parent run
+        "fit_to_first_run_s": first - fit_start,  # Tune start-up, first actors, first trial's start
+        "trials_span_s": last - first,
+        "trial_work_s": work,
+        "trial_run_mean_s": work / trials,
+        "concurrency": concurrency,
+        "max_overlap": overlap,
+        "overhead_per_trial_s": (wall - busy) / trials,
+        "steady_overhead_per_trial_s": (last - first - busy) / trials,
+        "fixed_s": wall - (last - first),
+        "runs_ended_after_fit": len(late),
+        "max_end_after_fit_s": max(late, default=0.0),
+        "peak_rss_mb": round(peak or 0.0, 1),
+        # the driver's growth during the study, per trial
+        "peak_rss_growth_per_trial_mb": None if rss_before is None or not peak
+        else round((peak - rss_before) / trials, 3),
+        "rss_before_mb": None if rss_before is None else round(rss_before, 1),
+        "rss_after_mb": None if rss_after is None else round(rss_after, 1),
+        "load_avg_1min": round(load, 2),
+    }
+
+
+def bench_study_scale(ctx: Context) -> Result:
+    """A real study (``run_study``: checks, Optuna storage, MLflow parent and trial runs, Tune with
+    StudySearch + ASHA, summary) of the cheapest real trials at each N of ``--scale-trials``
+    (optional; needs ray, optuna and mlflow). See benchmarks/README.md for the definitions."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialised in this process")
+    counts = list(ctx.scale_trials)
+    t0 = time.perf_counter()
+    # as run_study starts it (address="local": never join a Ray already running here); run_study
+    # finds it initialised, uses it and leaves it running, so it is started once for every N
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    startup = time.perf_counter() - t0
+    per_n: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="s2study-bench-scale-") as tmp:
+            # not compared: the process's first study also pays the imports and first workers
+            warmup = _one_study_scale(STUDY_SCALE_WARMUP, Path(tmp))
+        print(_scale_row(warmup) + "  (warm-up: the process's first study)", flush=True)
+        for trials in counts:
+            with tempfile.TemporaryDirectory(prefix="s2study-bench-scale-") as tmp:
+                row = _one_study_scale(trials, Path(tmp))
+            per_n.append(row)
+            print(_scale_row(row), flush=True)
+    finally:
+        ray.shutdown()
+    overheads = [r["overhead_per_trial_s"] for r in per_n]
+    first, last = per_n[0], per_n[-1]
+    marginal = [
+        ((b["wall_s"] - b["trial_work_s"] / b["concurrency"]) - (a["wall_s"] - a["trial_work_s"] / a["concurrency"]))
+        / (b["trials"] - a["trials"])
+        for a, b in itertools.pairwise(per_n)
+        if b["trials"] != a["trials"]
+    ]
+    return {
+        "study_scale": {
+            "median_s": last["overhead_per_trial_s"],  # one study per N: the figure at the largest N
+            "min_s": min(overheads),
+            "max_s": max(overheads),
+            "repeats": len(per_n),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in per_n),
+            "device": "cpu",
+            "startup_s": startup,
+            "scale": per_n,
+            "marginal_overhead_per_trial_s": marginal,
+            "overhead_ratio_largest_vs_smallest": _ratio(last, first, "overhead_per_trial_s"),
+            "steady_overhead_ratio_largest_vs_smallest": _ratio(last, first, "steady_overhead_per_trial_s"),
+            "warmup": warmup,
+            "trial": "search_spaces/smoke.yaml with " + " ".join(f"--set {o}" for o in STUDY_SCALE_OVERRIDES),
+        }
+    }
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    return a[key] / b[key] if b[key] > 0 else None
+
+
+def _scale_row(r: dict[str, Any]) -> str:
+    return (
+        f"{'':32s} N={r['trials']:<4d} wall {r['wall_s']:6.1f} s (set-up {r['setup_s']:.1f}, fit {r['fit_s']:.1f}, "
+        f"after {r['post_fit_s']:.1f})  trial runs {r['trial_work_s']:6.1f} s (mean {r['trial_run_mean_s']:.2f}, "
+        f"/{r['concurrency']})  overhead/trial {r['overhead_per_trial_s']:.3f} s (steady "
+        f"{r['steady_overhead_per_trial_s']:.3f} s, fixed {r['fixed_s']:.1f} s)  driver peak RSS "
+        f"{r['peak_rss_mb']:.0f} MB"
+    )
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -833,6 +1059,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "mnn_8192": Benchmark(_mnn_benchmark("mnn_8192", 8192, repeats=5)),
     "eval_roadscene_val": Benchmark(bench_eval_roadscene_val),
     "study_overhead": Benchmark(bench_study_overhead, default=False, needs=("ray", "optuna")),
+    "study_scale": Benchmark(bench_study_scale, default=False, needs=("ray", "optuna", "mlflow")),
     "backbones": Benchmark(bench_backbones, default=False),
 }
 
@@ -890,6 +1117,15 @@ def format_entry(name: str, e: dict[str, Any]) -> list[str]:
         if key in e:
             value = _fmt_s(e[key]) if isinstance(e[key], float) else e[key]
             lines.append(f"{'':32s} {key}: {value}")
+    if "scale" in e:  # study_scale: one row per N, then how the overhead per trial moves with N
+        lines += [_scale_row(r) for r in e["scale"]]
+        n0, n1 = e["scale"][0]["trials"], e["scale"][-1]["trials"]
+        ratios = [e["overhead_ratio_largest_vs_smallest"], e["steady_overhead_ratio_largest_vs_smallest"]]
+        all_in, steady = (f"{x:.2f}x" if x is not None else "n/a" for x in ratios)
+        lines.append(
+            f"{'':32s} overhead/trial N={n1} vs N={n0}: {all_in} (steady {steady}); marginal per "
+            "extra trial " + ", ".join(_fmt_s(m) for m in e["marginal_overhead_per_trial_s"])
+        )
     if name in TARGETS:
         lines.append(f"{'':32s} target: {TARGETS[name]}")
     return lines
@@ -950,6 +1186,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "bf16 on CUDA and on CPUs with AMX, else fp32); the 3-pass baseline is always fp32",
     )
     p.add_argument(
+        "--scale-trials",
+        type=int,
+        nargs="+",
+        metavar="N",
+        default=list(DEFAULT_SCALE_TRIALS),
+        help="study_scale: the numbers of trials of its studies, one study each "
+        f"(default: {' '.join(map(str, DEFAULT_SCALE_TRIALS))})",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         metavar="N",
@@ -960,6 +1205,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--repeats must be >= 1")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
+    if any(n < 1 for n in args.scale_trials):
+        p.error("--scale-trials: every N must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available here")
     return args
@@ -973,7 +1220,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     names = args.only or [n for n, b in BENCHMARKS.items() if b.default]
     load_start = os.getloadavg()
-    ctx = Context(device=device, repeats=args.repeats, timer=Timer(device), precision=args.precision)
+    ctx = Context(
+        device=device,
+        repeats=args.repeats,
+        timer=Timer(device),
+        precision=args.precision,
+        scale_trials=tuple(args.scale_trials),
+    )
     print(
         f"s2study benchmarks on {device} ({os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads); load average {load_start[0]:.2f} {load_start[1]:.2f} "

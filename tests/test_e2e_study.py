@@ -593,7 +593,7 @@ def test_a_wall_budget_stops_the_study_resumably_and_a_larger_one_finishes_it(wa
     assert len(runs) == 2 and all(r.data.tags["s2study.status"] in ("finished", "stopped_early") for r in runs)
 
 
-def test_a_two_metric_study_reports_a_pareto_front_of_non_dominated_trials(smoke, tmp_path):
+def test_a_two_metric_study_reports_a_pareto_front_of_non_dominated_trials(tmp_path):
     """metric: [val_ncm, val_cmr]: Optuna (NSGA-II) is told both at each trial's best epoch by
     val_ncm; the report and the parent run hold the trials no other trial beats in both."""
     import optuna
@@ -601,9 +601,11 @@ def test_a_two_metric_study_reports_a_pareto_front_of_non_dominated_trials(smoke
     settings = ("--set", "name=smoke-pareto", "--set", "metric=[val_ncm, val_cmr]", "--set", "mode=[max, max]",
                 "--set", "sampler.name=nsga2", "--set", "sampler.n_startup_trials=null", "--set", "trials=4",
                 "--set", "asha.max_epochs=2", "--set", "evaluate.top_n=0")
-    proc = subprocess.run(_command(smoke.folder, *settings), cwd=smoke.folder, env=_env(), check=False,
+    folder = tmp_path / "study"
+    folder.mkdir()
+    proc = subprocess.run(_command(folder, *settings), cwd=folder, env=_env(), check=False,
                           capture_output=True, text=True, timeout=STUDY_TIMEOUT)
-    study = Study(smoke.folder, smoke.uri, proc.stdout + proc.stderr, name="smoke-pareto")
+    study = Study(folder, f"sqlite:///{folder / 'mlflow.db'}", proc.stdout + proc.stderr, name="smoke-pareto")
     assert proc.returncode == 0, study.output[-4000:]
     runs = study.children()
     values = {r.info.run_name: (r.data.metrics["best_val_ncm"], r.data.metrics["at_best/val_cmr"]) for r in runs}
@@ -612,14 +614,14 @@ def test_a_two_metric_study_reports_a_pareto_front_of_non_dominated_trials(smoke
         cmr = {m.step: m.value for m in study.client.get_metric_history(run.info.run_id, "val_cmr")}
         best_epoch = min(s for s, v in ncm.items() if v == max(ncm.values()))
         assert values[run.info.run_name] == (ncm[best_epoch], cmr[best_epoch])
-    storage = f"sqlite:///{smoke.folder / 'results' / 'smoke-pareto' / 'optuna.db'}"
+    storage = f"sqlite:///{folder / 'results' / 'smoke-pareto' / 'optuna.db'}"
     optuna_study = optuna.load_study(study_name="smoke-pareto", storage=storage)
     assert len(optuna_study.directions) == 2
     assert sorted(tuple(t.values) for t in optuna_study.trials) == sorted(values.values())
 
     front = {n for n, (a, b) in values.items()
              if not any(x >= a and y >= b and (x, y) != (a, b) for x, y in values.values())}
-    report = subprocess.run([sys.executable, "-m", "s2study", "report", "smoke-pareto", "--tracking-uri", smoke.uri],
+    report = subprocess.run([sys.executable, "-m", "s2study", "report", "smoke-pareto", "--tracking-uri", study.uri],
                             check=False, capture_output=True, text=True, env=_env(), timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     section = report.stdout.split("Pareto front over val_ncm (max), val_cmr (max)")[1].split("\n\n", 2)[1]

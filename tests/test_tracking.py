@@ -177,6 +177,24 @@ def test_runs_of_trials_tune_never_recorded_are_dropped(store):
     assert deleted.info.lifecycle_stage == "deleted" and deleted.info.status == "KILLED"
 
 
+
+@pytest.mark.slow
+def test_running_child_runs_are_the_study_runs_still_running(store):
+    uri, exp, _, _ = store
+    parent, other = (tracking.start_study_run(uri, exp, "unit-study", {}) for _ in range(2))
+    ended, left = (tracking.TrialRun.open(uri, exp, parent, tid, tid, {}, "val_ncm", "max")
+                   for tid in ("hhhh_00000", "hhhh_00001"))
+    elsewhere = tracking.TrialRun.open(uri, exp, other, "hhhh_00002", "hhhh_00002", {}, "val_ncm", "max")
+    ended.finish("finished")
+    every = tracking.child_runs(uri, exp, parent)
+    running = tracking.running_child_runs(uri, exp, parent)
+    assert [r.info.run_id for r in running] == [left.run_id]
+    assert [r.info.run_id for r in running] == [r.info.run_id for r in every if r.info.status == "RUNNING"]
+    assert [r.info.run_id for r in tracking.running_child_runs(uri, exp, other)] == [elsewhere.run_id]
+    assert tracking.close_running_children(uri, exp, parent, "killed", "study ended") == 1
+    assert tracking.running_child_runs(uri, exp, parent) == []
+    assert {r.info.status for r in tracking.child_runs(uri, exp, parent)} == {"FINISHED", "KILLED"}
+
 # ----------------------------------------------------------------------------- outages
 
 

@@ -593,11 +593,20 @@ def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
     return list(_search(uri, [experiment_id], f"tags.{PARENT} = '{parent_run_id}'"))
 
 
+@_retried("list the running trial runs")
+def running_child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """The trial runs under a study run that are still RUNNING, selected by the store: after a
+    large study nearly all runs have ended, and reading each of them (its params, tags and
+    metrics) to find the few left cost the driver milliseconds per trial, per call."""
+    return list(_search(uri, [experiment_id],
+                        f"tags.{PARENT} = '{parent_run_id}' and attributes.status = 'RUNNING'"))
+
+
 def close_running_children(uri: str, experiment_id: str, parent_run_id: str,
                            status: str = "killed", reason: str | None = None) -> int:
     """End trial runs left RUNNING (a trial that never resumed); returns how many."""
     n = 0
-    for run in child_runs(uri, experiment_id, parent_run_id):
+    for run in running_child_runs(uri, experiment_id, parent_run_id):
         if run.info.status == "RUNNING":
             finish_run(uri, run.info.run_id, status, reason)
             n += 1
@@ -627,7 +636,8 @@ def settle_trial_runs(uri: str, experiment_id: str, parent_run_id: str,
     """
     deadline = None
     while True:
-        running = [r for r in child_runs(uri, experiment_id, parent_run_id) if r.info.status == "RUNNING"]
+        running = [r for r in running_child_runs(uri, experiment_id, parent_run_id)
+                   if r.info.status == "RUNNING"]
         deadline = deadline if deadline is not None else time.monotonic() + wait_s
         ending = [r for r in running if final.get(r.data.tags.get(TAG_TRIAL), ("killed",))[0] != "killed"]
         if not ending or time.monotonic() > deadline:
