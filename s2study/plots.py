@@ -7,7 +7,7 @@ change), so plotting works headless and inside Ray workers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -54,6 +54,11 @@ def plot_curves(result: EvalResult, metric: str, path: Path, ks: list[int] | Non
     fig.suptitle(
         f"{metric.upper()} curve, {result.dataset} {result.split} ({len(result.pair_ids)} pairs)"
     )
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders made as needed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -88,10 +93,7 @@ def plot_lambda_curves(
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def plot_pareto_front(points: list[tuple[float, float]], front: list[int], labels: tuple[str, str],
@@ -112,10 +114,7 @@ def plot_pareto_front(points: list[tuple[float, float]], front: list[int], label
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def draw_matches(

@@ -733,11 +733,7 @@ def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesys
         tuner = build_tuner(cfg, trainable, storage_filesystem, optuna_storage, watch)
     echo(f"study {cfg.name}: {cfg.trials} trials, storage {outcome.experiment_path}, MLflow {uri} "
          f"(experiment {cfg.tracking.experiment}, run {parent})")
-    watch.start()
-    try:
-        grid = tuner.fit()
-    finally:
-        watch.stop()
+    grid = _timed_fit(tuner, watch)
     if watch.active:
         tracking.log_metrics(uri, parent, watch.spent.as_metrics())
     if watch.reason:
@@ -770,6 +766,15 @@ def _fit(cfg: StudyConfig, outcome: StudyOutcome, restore: bool, storage_filesys
     _end(uri, experiment_id, parent, "finished")
     echo(summary_text(cfg, outcome))
     return outcome
+
+
+def _timed_fit(tuner: Any, watch: BudgetWatch) -> Any:
+    """``tuner.fit()``, its wall time counted by the budget watch."""
+    watch.start()
+    try:
+        return tuner.fit()
+    finally:
+        watch.stop()
 
 
 def _trainable(cfg: StudyConfig, outcome: StudyOutcome, function: Callable[..., None],
@@ -859,11 +864,7 @@ def _fit_repeats(cfg: StudyConfig, outcome: StudyOutcome, storage_filesystem: An
         if number == len(rounds) or not missing:
             echo(f"repeats, round {number}: {len(points)} run(s) of the {cfg.repeats.top_n} best configurations "
                  f"(seeds per configuration: {cfg.repeats.seeds})")
-        watch.start()
-        try:
-            grid = tuner.fit()
-        finally:
-            watch.stop()
+        grid = _timed_fit(tuner, watch)
         trials = summarize(cfg, grid, outcome.tracking_uri, outcome.experiment_id, outcome.parent_run_id,
                            sampled_of=_repeat_config)
         by_id = {r.metrics.get("trial_id"): r for r in grid}
