@@ -19,6 +19,7 @@ Usage::
     python benchmarks/run.py --device cuda --json bench_gpu.json
     python benchmarks/run.py --only study_overhead  # optional: needs ray, optuna (and mlflow)
     python benchmarks/run.py --only backbones       # optional: every backbone, ratios to R2D2 N16
+    python benchmarks/run.py --only study_scale     # optional: real studies of 10, 100, 300 trials
 
 See ``benchmarks/README.md`` for what each benchmark measures, the targets and the figures.
 
